@@ -1,0 +1,486 @@
+"""CLIP: an image tower and a text tower trained to agree (Radford et al. 2021; DeCLIP Sec. 3.1).
+
+All of CLIP in one file: CLIP's ModifiedResNet (RN50/RN101) and ViT image towers, the GPT-2-style
+text tower, presets, and loaders for OpenAI, OpenCLIP and declip-mini checkpoints. Parameter names
+and shapes are OpenAI's, so released weights load unchanged (`build_model` reads sizes from shapes).
+
+    z_img = normalize(image_tower(x)),  z_txt = normalize(text_tower(t)),  sim = e^t z_img @ z_txt.T
+
+Shapes: B batch, H heads, L text tokens, N image patches (+1 class token), W width, D embedding.
+
+Usage:
+    model = create_model("ViT-B-32")                   # random init, OpenAI's architecture
+    model = load_checkpoint("ViT-B-32.pt")             # OpenAI JIT / state dict, OpenCLIP, or ours
+    z_img, z_txt, scale = model(images, ids)           # (B, D), (B, D), []
+    logits = scale * z_img @ z_txt.T                   # (B, B)
+
+Where we differ from OpenAI's code:
+- The text feature sits at the first position where `ids == eot_id` (equality, never
+  `argmax(ids)`), so DeCLIP's mask token (49408, larger than EOT 49407) is never taken for EOT.
+- Attention runs on `F.scaled_dot_product_attention`, batch first, `is_causal=True` for the text.
+- Mixed precision through `torch.autocast` only: no fp16 weight conversion, plain `nn.LayerNorm`.
+- Selectable activation: "quick_gelu" (OpenAI's weights) or "gelu" (our default for new models).
+- ViT patch dropout (FLIP, Li et al. 2023); an attention hook (keys out, additive bias in) for ToMe.
+Left out: OpenCLIP's extras (layer scale, attentional poolers, HF/timm towers, SigLIP logit bias).
+"""
+import math
+import os
+import zipfile
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class QuickGELU(nn.Module):
+    """OpenAI's GELU approximation x * sigmoid(1.702 x): OpenAI's weights were trained with it."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (OpenAI weights load).
+
+    The ToMe hook: `attn_bias` is an additive logits bias broadcast to (B, H, L, L), e.g. log(token
+    size) shaped (B, 1, 1, L) for proportional attention; `return_keys=True` also returns the keys.
+    """
+
+    def __init__(self, width, heads):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's initialisation
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, is_causal=False, attn_bias=None, return_keys=False):
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
+        qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, L, W/H) each
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
+        x = self.out_proj(x.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
+        return (x, k) if return_keys else x
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads, act="gelu"):
+        super().__init__()
+        if act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"act={act!r} is not supported; use 'gelu' or 'quick_gelu'")
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU() if act == "quick_gelu" else nn.GELU()),
+            ("c_proj", nn.Linear(width * 4, width)),
+        ]))
+
+    def forward(self, x, is_causal=False):
+        x = x + self.attn(self.ln_1(x), is_causal=is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, act="gelu"):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
+
+    def forward(self, x, is_causal=False):  # (B, L, W) -> (B, L, W)
+        for block in self.resblocks:
+            x = block(x, is_causal=is_causal)
+        return x
+
+
+class PatchDropout(nn.Module):
+    """FLIP, training only: keep the class token and max(1, int(N (1 - p))) random patches each."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"patch_dropout={p} must be in [0, 1)")
+        self.p = p
+
+    def forward(self, x):  # (B, 1 + N, W) -> (B, 1 + keep, W)
+        if not self.training or self.p == 0.0:
+            return x
+        cls_token, patches = x[:, :1], x[:, 1:]
+        B, N, W = patches.shape
+        keep = max(1, int(N * (1 - self.p)))
+        idx = torch.rand(B, N, device=x.device).topk(keep, dim=1).indices  # (B, keep) at random
+        patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, W))  # (B, keep, W)
+        return torch.cat([cls_token, patches], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim,
+                 act="gelu", patch_dropout=0.0):
+        super().__init__()
+        self.input_resolution, self.output_dim = input_resolution, output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        grid = input_resolution // patch_size
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid ** 2 + 1, width))
+        self.patch_dropout = PatchDropout(patch_dropout)
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, act)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):  # (B, 3, R, R) -> (B, D)
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, W), N = (R / patch)^2
+        cls_token = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = torch.cat([cls_token, x], dim=1)  # (B, 1 + N, W)
+        x = x + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(self.patch_dropout(x))
+        x = self.transformer(x)
+        return self.ln_post(x[:, 0]) @ self.proj  # class token only: LayerNorm is per token
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck; CLIP swaps strided convs for an avg-pool before conv3 (anti-aliasing)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(OrderedDict([  # OpenAI's names: "-1" has no parameters
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * self.expansion)),
+            ]))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity, inplace=True)
+
+
+class AttentionPool2d(nn.Module):
+    """Multi-head attention of the mean token (query) over itself and all spatial tokens (keys)."""
+
+    def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(
+            torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x):  # (B, C, h, w) -> (B, D)
+        x = x.flatten(2).transpose(1, 2)  # (B, hw, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1 + hw, C)
+        x = x + self.positional_embedding.to(x.dtype)
+        B, L, C = x.shape
+        H = self.num_heads
+        q = self.q_proj(x[:, :1]).view(B, 1, H, C // H).transpose(1, 2)  # (B, H, 1, C/H)
+        k = self.k_proj(x).view(B, L, H, C // H).transpose(1, 2)  # (B, H, 1 + hw, C/H)
+        v = self.v_proj(x).view(B, L, H, C // H).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, C/H)
+        return self.c_proj(x.reshape(B, C))  # (B, D)
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet: 3-conv stem + avg-pool, anti-aliased bottleneck stages, attention pooling."""
+
+    def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
+        super().__init__()
+        self.input_resolution, self.output_dim = input_resolution, output_dim
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        self._inplanes = width  # mutated by _make_layer while building
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        embed_dim = width * 32  # the ResNet feature dimension
+        self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
+
+    def _make_layer(self, planes, blocks, stride=1):
+        layers = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, 3, R, R) -> (B, D)
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # (B, W/2, R/2, R/2)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = F.relu(self.bn3(self.conv3(x)), inplace=True)  # (B, W, R/2, R/2)
+        x = self.avgpool(x)  # (B, W, R/4, R/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32 W, R/32, R/32)
+        return self.attnpool(x)
+
+
+class CLIP(nn.Module):
+    """Both towers, OpenAI's parameter names; `vision_layers` a 4-tuple selects the ModifiedResNet.
+
+    `vision_heads=None` follows OpenAI (ViT: width / 64, ResNet: 32 width / 64). `eot_id` is the
+    token whose first occurrence carries the text feature. `config` holds the constructor arguments.
+    """
+
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_heads,
+                 transformer_layers, act="gelu", patch_dropout=0.0, eot_id=49407,
+                 vision_heads=None):
+        super().__init__()
+        self.config = dict(
+            embed_dim=embed_dim, image_resolution=image_resolution, vision_layers=vision_layers,
+            vision_width=vision_width, vision_patch_size=vision_patch_size,
+            context_length=context_length, vocab_size=vocab_size,
+            transformer_width=transformer_width, transformer_heads=transformer_heads,
+            transformer_layers=transformer_layers, act=act, patch_dropout=patch_dropout,
+            eot_id=eot_id, vision_heads=vision_heads)
+        self.context_length, self.vocab_size, self.eot_id = context_length, vocab_size, eot_id
+        if isinstance(vision_layers, (tuple, list)):
+            if patch_dropout:
+                raise ValueError("patch_dropout needs a ViT image tower, not a ResNet")
+            self.visual = ModifiedResNet(tuple(vision_layers), embed_dim,
+                                         vision_heads or vision_width * 32 // 64,
+                                         image_resolution, vision_width)
+        else:
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                            vision_layers, vision_heads or vision_width // 64,
+                                            embed_dim, act, patch_dropout)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       act)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = nn.LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # shape [] as OpenAI
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's initialisation (the ViT's own parameters are set in its constructor)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if isinstance(self.visual, ModifiedResNet):
+            pool = self.visual.attnpool
+            std = pool.c_proj.in_features ** -0.5
+            for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                nn.init.normal_(proj.weight, std=std)
+            for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3,
+                          self.visual.layer4):
+                for block in stage:
+                    nn.init.zeros_(block.bn3.weight)  # each residual branch starts as identity
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def encode_image(self, images, normalize=False):  # (B, 3, R, R) -> (B, D)
+        z = self.visual(images)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, ids, normalize=False, return_tokens=False):
+        """ids (B, L) -> z (B, D); with return_tokens, (z, ln_final outputs (B, L, W) for MLM)."""
+        B, L = ids.shape
+        if L > self.context_length:
+            n = self.context_length
+            raise ValueError(f"ids have {L} tokens but the model's context_length is {n}; "
+                             f"tokenize with context_length={n}")
+        x = self.token_embedding(ids) + self.positional_embedding[:L]  # (B, L, W)
+        x = self.transformer(x, is_causal=True)
+        is_eot = ids == self.eot_id
+        # first EOT (argmax of 0/1 returns the first 1); a row without EOT uses its last token
+        eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), L - 1)  # (B,)
+        rows = torch.arange(B, device=ids.device)
+        if return_tokens:
+            tokens = self.ln_final(x)  # (B, L, W)
+            pooled = tokens[rows, eot]
+        else:
+            pooled = self.ln_final(x[rows, eot])  # LayerNorm is per token: only EOT's is needed
+        z = pooled @ self.text_projection  # (B, D)
+        z = F.normalize(z, dim=-1) if normalize else z
+        return (z, tokens) if return_tokens else z
+
+    def forward(self, images, ids):
+        """Returns (z_img (B, D), z_txt (B, D), logit_scale.exp() []); features L2-normalised."""
+        z_img = self.encode_image(images, normalize=True)
+        z_txt = self.encode_text(ids, normalize=True)
+        return z_img, z_txt, self.logit_scale.exp()
+
+
+# vocab_size 49409 = OpenAI's 49408 + DeCLIP's mask token, so MLM inputs embed; OpenAI weights load
+# through build_model/load_checkpoint, which read the vocabulary size from the checkpoint.
+_TEXT_OPENAI = dict(context_length=77, vocab_size=49409, transformer_width=512,
+                    transformer_heads=8, transformer_layers=12)
+PRESETS = {
+    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                 vision_patch_size=None, act="quick_gelu", **_TEXT_OPENAI),
+    "RN101": dict(embed_dim=512, image_resolution=224, vision_layers=(3, 4, 23, 3), vision_width=64,
+                  vision_patch_size=None, act="quick_gelu", **_TEXT_OPENAI),
+    "ViT-B-32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=32, act="quick_gelu", **_TEXT_OPENAI),
+    "ViT-B-16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, act="quick_gelu", **_TEXT_OPENAI),
+    "ViT-S-16": dict(embed_dim=384, image_resolution=224, vision_layers=12, vision_width=384,
+                     vision_patch_size=16, context_length=77, vocab_size=49409,
+                     transformer_width=384, transformer_heads=6, transformer_layers=12, act="gelu"),
+    "tiny": dict(embed_dim=128, image_resolution=64, vision_layers=3, vision_width=128,
+                 vision_patch_size=8, vision_heads=4, context_length=32, vocab_size=49409,
+                 transformer_width=128, transformer_heads=4, transformer_layers=3, act="gelu"),
+}
+
+
+def create_model(name, **overrides):
+    """A randomly initialised preset; `overrides` replace any CLIP constructor argument."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    return CLIP(**{**PRESETS[name], **overrides})
+
+
+def _from_state_dict(config, state_dict):
+    """CLIP(**config) holding state_dict's weights, in eval mode."""
+    with torch.device("meta"):  # skip initialising weights about to be overwritten (seconds)
+        model = CLIP(**config)
+    model = model.to_empty(device=next(iter(state_dict.values())).device if state_dict else "cpu")
+    _load_state_dict(model, state_dict)
+    return model.eval()
+
+
+def _load_state_dict(model, state_dict):
+    """load_state_dict with one-line errors; accepts logit_scale shaped [1] (as DeCLIP's)."""
+    own = model.state_dict()
+    sd = {k: v for k, v in state_dict.items() if k in own}
+    for k, v in own.items():  # some exports omit BatchNorm's step counters; they are never used
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros_like(v)
+    if "logit_scale" in sd and sd["logit_scale"].numel() == 1:
+        sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+             for k in sd if sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        def summary(what, keys):
+            return f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        parts = [summary(w, ks) for w, ks in (("missing keys", missing),
+                 ("unexpected keys", unexpected), ("shape mismatches", wrong)) if ks]
+        raise ValueError("state dict does not match this CLIP architecture: " + "; ".join(parts))
+    model.load_state_dict(sd)  # copies (and casts fp16 weights) into the fp32 parameters
+
+
+def build_model(state_dict, **overrides):
+    """Infer the architecture from parameter shapes (as OpenAI's build_model) and load the weights.
+
+    Heads are not visible in shapes: OpenAI's rule (width / 64) is assumed; pass
+    `transformer_heads=` or `vision_heads=` otherwise. `act` defaults to "quick_gelu" (OpenAI). A
+    larger `vocab_size` appends freshly initialised embedding rows (49409 adds DeCLIP's mask token
+    to OpenAI's weights). Returns the model in eval mode.
+    """
+    sd = state_dict
+    try:
+        if "visual.proj" in sd:  # ViT
+            vision_width = sd["visual.conv1.weight"].shape[0]
+            vision_layers = len([k for k in sd if k.startswith("visual.")
+                                 and k.endswith(".attn.in_proj_weight")])
+            vision_patch_size = sd["visual.conv1.weight"].shape[-1]
+            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            image_resolution = vision_patch_size * grid
+        else:  # ModifiedResNet: count the blocks of each stage
+            vision_layers = tuple(
+                len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")})
+                for b in (1, 2, 3, 4))
+            vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
+            grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision_patch_size, image_resolution = None, grid * 32
+        transformer_width = sd["ln_final.weight"].shape[0]
+        blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}
+        config = dict(
+            embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
+            vision_layers=vision_layers, vision_width=vision_width,
+            vision_patch_size=vision_patch_size,
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=transformer_width,
+            transformer_heads=transformer_width // 64, transformer_layers=len(blocks),
+            act="quick_gelu")
+    except KeyError as e:
+        raise ValueError(f"state dict is not a CLIP model: no {e.args[0]!r} among its {len(sd)} "
+                         f"keys (first: {', '.join(list(sd)[:3])})") from None
+    config.update(overrides)
+    emb = sd["token_embedding.weight"]
+    if config["vocab_size"] > len(emb):  # new rows get the token embedding's initialisation
+        new = 0.02 * torch.randn(config["vocab_size"] - len(emb), emb.shape[1], device=emb.device)
+        sd = {**sd, "token_embedding.weight": torch.cat([emb, new.to(emb.dtype)])}
+    return _from_state_dict(config, sd)
+
+
+def _is_torchscript(path):
+    """TorchScript archives are zips with code/ and constants.pkl; torch.save files lack both."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def load_checkpoint(path, map_location="cpu", **overrides):
+    """Load a CLIP in eval mode from an OpenAI JIT archive or state dict, an OpenCLIP checkpoint
+    ({"state_dict"}, "module." prefixes), or a declip-mini one ({"state_dict", "model_config"}).
+
+    `overrides` replace constructor arguments (e.g. act="gelu" for OpenCLIP models trained so).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file (expected an OpenAI, OpenCLIP "
+                                "or declip-mini .pt file)")
+    try:
+        if _is_torchscript(path):  # OpenAI's released .pt files
+            obj = torch.jit.load(path, map_location=map_location).state_dict()
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's messages run over many lines: say what happened in one
+        msg = f"not a PyTorch or TorchScript file, or truncated ({type(e).__name__})"
+        if "Unsupported global" in str(e):
+            msg = ("it holds pickled Python objects besides tensors; if you trust it, pass "
+                   "torch.load(path, weights_only=False)['state_dict'] to build_model")
+        raise ValueError(f"{path}: cannot read the checkpoint: {msg}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict or a dict with 'state_dict', "
+                         f"got {type(obj).__name__}")
+    config = obj.get("model_config")
+    sd = obj.get("state_dict", obj)
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}  # DDP prefix
+    if "clip.text_projection" in sd:  # a whole DeCLIP state dict: keep the CLIP part
+        sd = {k.removeprefix("clip."): v for k, v in sd.items() if k.startswith("clip.")}
+    for k in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT metadata
+        sd.pop(k, None)
+    try:
+        if config is None:
+            return build_model(sd, **overrides)
+        return _from_state_dict({**config, **overrides}, sd)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

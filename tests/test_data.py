@@ -1,0 +1,291 @@
+"""Tests for data.py: the built-in data, CSV/TSV, img2dataset shards, the views and collate."""
+import functools
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+class CharTokenizer:
+    """Stand-in for tokenizer.Tokenizer while it is not importable: 1 = SOT, 2 = EOT, 0 = pad."""
+
+    def __call__(self, texts, context_length=77):
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [1] + [3 + ord(ch) % 250 for ch in text][:context_length - 2] + [2]
+            out[row, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+def _word_shuffle(text, rng):
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        from tokenizer import Tokenizer
+        return Tokenizer.openai()
+    except (ImportError, AttributeError, OSError):
+        return CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_aug():
+    try:
+        from eda import augment
+        return augment
+    except ImportError:
+        return _word_shuffle
+
+
+def _png(rgb=(200, 30, 30), size=(20, 12), fmt="PNG"):
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _digest(image):
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- built-in data
+
+def test_synthetic_same_index_same_pair_and_seeds_differ():
+    a, b = data.SyntheticCaptions(seed=3), data.SyntheticCaptions(seed=3)
+    other = data.SyntheticCaptions(seed=4)
+    for i in (0, 7, 123_456, len(a) - 1):
+        (img_a, cap_a), (img_b, cap_b) = a[i], b[i]
+        assert img_a.tobytes() == img_b.tobytes() and cap_a == cap_b
+        assert a.caption(i) == cap_a and a.label(i) == b.label(i)
+    assert sum(_digest(a[i][0]) != _digest(other[i][0]) for i in range(20)) == 20
+
+
+def test_synthetic_train_and_eval_are_disjoint_and_eval_is_balanced():
+    train, val = data.SyntheticCaptions("train"), data.SyntheticCaptions("eval")
+    assert len(train) >= 100_000 and len(val) == 2000
+    assert not {_digest(train[i][0]) for i in range(100)} & {_digest(val[i][0]) for i in range(100)}
+    counts = np.bincount([val.label(i) for i in range(len(val))], minlength=len(val.classnames))
+    assert counts.max() - counts.min() <= 1
+    with pytest.raises(IndexError):
+        val[len(val)]
+
+
+def test_synthetic_labels_match_pixels_and_captions():
+    ds = data.SyntheticCaptions("train", size=400, seed=1)
+    assert 30 <= len(ds.classnames) <= 48 and len(set(ds.classnames)) == len(ds.classnames)
+    assert len(ds.templates) >= 8 and all("{c}" in t for t in ds.templates)
+    palette = np.array([rgb for rgb, _ in data.COLOURS.values()], np.float32)
+    colour_named = shape_named = 0
+    for i in range(len(ds)):
+        sc, (image, caption) = ds.scene(i), ds[i]
+        colour, shape = ds.classnames[ds.label(i)].split()
+        assert (colour, shape) == (sc["main"]["colour"], sc["main"]["shape"])
+        # the main object is never covered: the pixel at its centre shows its colour
+        pixel = np.asarray(image, np.float32)[int(sc["main"]["y"]), int(sc["main"]["x"])]
+        assert list(data.COLOURS)[((palette - pixel) ** 2).sum(1).argmin()] == colour
+        text = caption.lower()
+        colour_named += any(w in text for w in data.COLOURS[colour][1])
+        shape_named += any(w in text for w in data.SHAPES[shape][1])
+    assert colour_named >= 0.85 * len(ds) and shape_named >= 0.85 * len(ds)
+
+
+def test_synthetic_any_image_size_and_speed():
+    assert data.SyntheticCaptions(image_size=96)[5][0].size == (96, 96)
+    ds = data.SyntheticCaptions()
+    ds[0]
+    t, n = time.perf_counter(), 500
+    for i in range(n):
+        ds[i]
+    ms = (time.perf_counter() - t) / n * 1e3
+    print(f"SyntheticCaptions: {ms:.3f} ms per 64 px image + caption")
+    assert ms < 5  # ~0.3 ms on one core; loose so a busy machine does not fail the test
+
+
+# ----------------------------------------------------------------------------- CSV / TSV
+
+def test_tsv_with_custom_columns_resolves_relative_paths_and_skips_bad_rows(tmp_path, caplog):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "ok.png").write_bytes(_png((10, 200, 10)))
+    (tmp_path / "imgs" / "bad.jpg").write_bytes(b"not an image at all")
+    (tmp_path / "imgs" / "empty.png").write_bytes(_png())
+    lines = ["path\tcaption", "imgs/ok.png\ta green box", "imgs/bad.jpg\tcorrupt",
+             "imgs/missing.png\tnot there", "imgs/empty.png\t  "]
+    (tmp_path / "t.tsv").write_text("\n".join(lines) + "\n")
+    ds = data.CsvDataset(str(tmp_path / "t.tsv"), img_key="path", caption_key="caption")
+    assert len(ds) == 4
+    image, caption = ds[0]
+    assert caption == "a green box" and image.getpixel((0, 0)) == (10, 200, 10)
+    with caplog.at_level(logging.WARNING):
+        assert ds[1] is None and ds[2] is None and ds[3] is None
+    assert "bad.jpg" in caplog.text and "missing.png" in caplog.text
+    with pytest.raises(ValueError, match="no column 'filepath'"):
+        data.CsvDataset(str(tmp_path / "t.tsv"))
+
+
+def test_csv_with_openclip_defaults_and_a_custom_separator(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "c.csv").write_text(f'filepath;title\n{tmp_path / "a.png"};"red; wide"\n')
+    ds = data.CsvDataset(str(tmp_path / "c.csv"), sep=";")
+    assert ds[0][1] == "red; wide" and ds[0][0].size == (20, 12)
+
+
+# ----------------------------------------------------------------------------- shards
+
+def _write_shard(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def _make_shards(folder):
+    jpg = _png((30, 60, 220), (16, 16), "JPEG")
+    _write_shard(folder / "00000.tar", [
+        ("000.jpg", _png((200, 30, 30))), ("000.txt", b"a red square"),
+        ("001.jpg", b"\xff\xd8 corrupt"), ("001.txt", b"broken"),
+        ("002.jpg", _png()),                                       # no caption file
+        ("003.jpg", _png()), ("003.txt", b"   "),                  # empty caption
+    ])
+    _write_shard(folder / "00001.tar", [
+        ("004.jpg", jpg), ("004.txt", "a blue caf\u00e9 sign".encode()), ("004.json", b"{}"),
+        ("005.jpg", jpg[: len(jpg) // 2]), ("005.txt", b"truncated"),
+        ("006.txt", b"caption without an image"),
+    ])
+
+
+def test_shards_map_style_skips_and_caches_the_index(tmp_path, monkeypatch, caplog):
+    _make_shards(tmp_path)
+    ds = data.ShardDataset(str(tmp_path))
+    assert len(ds) == 7
+    assert os.path.exists(tmp_path / "00000.tar.idx.json")
+    image, caption = ds[0]
+    assert caption == "a red square" and image.getpixel((3, 3)) == (200, 30, 30)
+    image, caption = ds[4]
+    assert caption == "a blue caf\u00e9 sign" and image.size == (16, 16)
+    with caplog.at_level(logging.WARNING):
+        assert [ds[i] is None for i in range(7)] == [False, True, True, True, False, True, True]
+    assert "00000.tar:001.jpg" in caplog.text and "00001.tar:005.jpg" in caplog.text
+
+    # a second open reads the cached index instead of scanning the tars again
+    def no_scan(path):
+        raise AssertionError(f"rescanned {path}")
+    monkeypatch.setattr(data, "_scan_shard", no_scan)
+    again = data.ShardDataset(str(tmp_path))
+    assert np.array_equal(again.rows, ds.rows) and again[4][1] == caption
+    # ... unless the shard changed
+    scanned = []
+    monkeypatch.setattr(data, "_scan_shard", lambda p: scanned.append(p) or [])
+    with open(tmp_path / "00001.tar", "ab") as f:
+        f.write(b"\0" * 512)
+    assert len(data.ShardDataset(str(tmp_path))) == 4 and scanned == [str(tmp_path / "00001.tar")]
+
+
+def test_shards_cut_download_and_read_only_folder(tmp_path, monkeypatch):
+    _make_shards(tmp_path)
+    whole = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(whole[:2565])  # cut inside 001.jpg's data
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError("ro")))
+    ds = data.ShardDataset(str(tmp_path))
+    assert not os.path.exists(tmp_path / "00000.tar.idx.json")  # kept in memory only
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert len(ds) == 2 + 3 and ds[0][1] == "a red square"
+    assert ds[1] is None  # the truncated member
+
+
+# ----------------------------------------------------------------------------- views, collate
+
+def test_transform_sizes_and_constants():
+    image = Image.new("RGB", (100, 80), (255, 255, 255))
+    for make in (data.eval_transform, data.clip_image_transform, data.declip_image_transform):
+        assert make(64)(image).shape == (3, 64, 64)
+    white = data.eval_transform(32)(image)[:, 0, 0]
+    mean, std = torch.tensor(data.OPENAI_MEAN), torch.tensor(data.OPENAI_STD)
+    assert torch.allclose(white, (1 - mean) / std)
+    blur = [t.transforms[0] for t in data.declip_image_transform(224).transforms
+            if isinstance(t, data.T.RandomApply)
+            and isinstance(t.transforms[0], data.T.GaussianBlur)]
+    blur = blur[0]
+    assert blur.kernel_size == (23, 23) and blur.sigma == (0.1, 2.0)
+
+
+def test_image_text_views_are_a_function_of_seed_epoch_index(text_aug):
+    base = data.SyntheticCaptions(size=50)
+    make = lambda seed: data.ImageText(base, data.declip_image_transform(64), views=2,
+                                       text_aug=text_aug, seed=seed)
+    a, b = make(0), make(0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    x = a[7]
+    assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream is untouched
+    y = b[7]
+    assert torch.equal(x["image"], y["image"]) and torch.equal(x["image_aug"], y["image_aug"])
+    assert x["text"] == base.caption(7) and x["text_aug"] == y["text_aug"]
+    assert not torch.equal(x["image"], x["image_aug"])
+    b.set_epoch(1)
+    assert not torch.equal(b[7]["image"], x["image"])
+    assert not torch.equal(make(1)[7]["image"], x["image"])
+    single = data.ImageText(base, data.clip_image_transform(64))[3]
+    assert set(single) == {"image", "text"}
+
+
+def test_collate_drops_skipped_samples(tokenizer):
+    item = {"image": torch.zeros(3, 8, 8), "image_aug": torch.ones(3, 8, 8),
+            "text": "a red circle", "text_aug": "red a circle"}
+    out = data.collate([item, None, item, None, None], tokenizer, context_length=16)
+    assert int(out["n_skipped"]) == 3
+    assert out["image"].shape == out["image_aug"].shape == (2, 3, 8, 8)
+    assert out["ids"].shape == out["ids_aug"].shape == (2, 16) and out["ids"].dtype == torch.long
+    assert torch.equal(out["ids"][0], tokenizer(["a red circle"], context_length=16)[0])
+    assert data.collate([None, None], tokenizer, 16) == {"n_skipped": torch.tensor(2)}
+    pickle.loads(pickle.dumps(functools.partial(data.collate, tokenizer=tokenizer,
+                                                context_length=16)))
+
+
+def test_loader_batches_do_not_depend_on_worker_count(tmp_path, tokenizer, text_aug):
+    _make_shards(tmp_path)
+    ds = data.ImageText(data.ShardDataset(str(tmp_path)), data.declip_image_transform(16),
+                        views=2, text_aug=text_aug, seed=5)
+    ds.set_epoch(2)
+    ds[0]  # opens a file in this process: workers must not reuse the handle
+    collate = functools.partial(data.collate, tokenizer=tokenizer, context_length=12)
+    runs = [list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=w, collate_fn=collate))
+            for w in (0, 2)]
+    assert [int(b["n_skipped"]) for b in runs[0]] == [3, 2]
+    for b0, b2 in zip(*runs):
+        assert all(torch.equal(b0[k], b2[k]) for k in b0)
+
+
+# ----------------------------------------------------------------------------- build_dataset
+
+def test_build_dataset_resolves_names_and_explains_missing_cc3m(tmp_path):
+    assert isinstance(data.build_dataset("builtin", split="eval"), data.SyntheticCaptions)
+    assert data.build_dataset("builtin", image_size=32, size=10)[0][0].size == (32, 32)
+    (tmp_path / "shards").mkdir()
+    _make_shards(tmp_path / "shards")
+    assert len(data.build_dataset("shards", data_root=str(tmp_path))) == 7
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.png").write_bytes(_png())
+    (tmp_path / "mine" / "train.csv").write_text("filepath,title\na.png,hello\n")
+    assert data.build_dataset("mine", data_root=str(tmp_path))[0][1] == "hello"
+    assert len(data.build_dataset(str(tmp_path / "mine" / "train.csv"))) == 1
+    (tmp_path / "cc3m").mkdir()  # present but empty, then absent: the same advice
+    for root in (str(tmp_path), str(tmp_path / "nowhere")):
+        with pytest.raises(FileNotFoundError) as err:
+            data.build_dataset("cc3m", data_root=root)
+        message = str(err.value)
+        assert "\n" not in message and "img2dataset --url_list" in message and "cc3m" in message

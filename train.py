@@ -1,0 +1,448 @@
+"""Train CLIP or DeCLIP: one process, or many with torchrun (DDP + AMP), with exact resume.
+
+DeCLIP (Li et al., ICLR 2022) Sec. 3 and Appendix C; the CLIP variants of the medium-scale study
+(SigLIP loss, FLIP patch dropout) are flags. Everything the paper's Table 4 ablation needs is a flag.
+
+    python train.py                                   # tiny DeCLIP on the built-in data, CPU, minutes
+    python train.py --method clip --steps 500         # plain CLIP for comparison
+    torchrun --nproc_per_node=8 train.py --preset declip-cc3m          # the paper's CC3M setting
+    torchrun --nproc_per_node=8 --max-restarts=3 train.py --preset declip-cc3m --resume auto
+
+One training step (all ranks):  reseed RNGs from (seed, rank, step) -> forward under autocast ->
+loss -> backward (DDP averages gradients) -> skip if the gradient is not finite -> clip -> AdamW ->
+clamp the logit scale.  Everything random is a pure function of (seed, rank, step) or of
+(seed, epoch, sample index), so a run resumed at step k ends bit-for-bit where an uninterrupted
+run ends (CPU, fp32), and the checkpoint needs no RNG state beyond the seed.
+
+Left out on purpose: gradient accumulation, EMA weights, SGD for the text tower (Appendix C uses it
+for ViT-B/32; AdamW for both towers is what the official code and OpenCLIP do).
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+import eda
+from clip import create_model
+from declip import DeCLIP
+from eval_zeroshot import evaluate_builtin
+from losses import clamp_logit_scale_
+from tokenizer import Tokenizer
+
+# Settings of the papers, one flag each. Flags given on the command line override them.
+PRESETS = {
+    # DeCLIP's CC3M ablation (Table 4): RN50, global batch 1024 (128 x 8 GPUs), 32 epochs; optimiser as in
+    # the official code (SPEC 3b): AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up steps.
+    "declip-cc3m": dict(model="RN50", data="cc3m", method="declip", batch_size=128, epochs=32,
+                        lr=1e-3, wd=0.1, warmup=2500, image_size=224),
+    "clip-cc3m": dict(model="RN50", data="cc3m", method="clip", batch_size=128, epochs=32,
+                      lr=1e-3, wd=0.1, warmup=2500, image_size=224),
+    # The medium-scale study: ViT-S/16, global batch 2048 (256 x 8), 24 epochs, 2,000 warm-up steps.
+    "study-vits-cc3m": dict(model="ViT-S-16", data="cc3m", method="clip", batch_size=256, epochs=24,
+                            lr=1e-3, wd=0.1, warmup=2000, image_size=224),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a paper setting; other flags override it")
+    # what to train
+    p.add_argument("--method", choices=["clip", "declip"], default="declip")
+    p.add_argument("--no-mvs", dest="mvs", action="store_false", help="DeCLIP without multi-view")
+    p.add_argument("--no-ss", dest="ss", action="store_false", help="DeCLIP without SimSiam + MLM")
+    p.add_argument("--no-nns", dest="nns", action="store_false", help="DeCLIP without the NN queue")
+    p.add_argument("--loss", choices=["infonce", "siglip"], default="infonce")
+    p.add_argument("--alpha", type=float, default=0.2, help="weight of L_ISS + L_TSS")
+    p.add_argument("--beta", type=float, default=0.2, help="weight of L_MVS")
+    p.add_argument("--gamma", type=float, default=0.2, help="weight of L_NNS")
+    p.add_argument("--queue-size", type=int, default=65536)
+    p.add_argument("--model", default="tiny", help="tiny, RN50, RN101, ViT-B-32, ViT-B-16, ViT-S-16")
+    p.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: fraction of patches dropped")
+    p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
+    # data
+    p.add_argument("--data", default="builtin", help="builtin, a csv/tsv file, or a folder under --data-root")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--csv-img-key", default="filepath")
+    p.add_argument("--csv-caption-key", default="title")
+    p.add_argument("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
+    p.add_argument("--tokenizer", default="auto",
+                   help="openai, train (learn BPE on the training captions), or a merges file; "
+                        "auto = train for builtin data, openai otherwise")
+    p.add_argument("--vocab-size", type=int, default=768, help="for --tokenizer train")
+    p.add_argument("--workers", type=int, default=2)
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--steps", type=int, default=600, help="total steps (overrides --epochs)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default: bf16 on GPUs that support it, fp32 on CPU; fp16 uses a GradScaler")
+    p.add_argument("--max-bad-steps", type=int, default=20,
+                   help="abort after this many consecutive non-finite steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    # bookkeeping
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output) or a path")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval every N steps (0: end only)")
+    p.add_argument("--eval-size", type=int, default=1000, help="built-in eval images")
+    p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests only
+
+    args = p.parse_args(argv)
+    if args.preset:  # preset values become defaults; flags given explicitly still win
+        p.set_defaults(**PRESETS[args.preset])
+        if "epochs" in PRESETS[args.preset]:
+            p.set_defaults(steps=None)
+        args = p.parse_args(argv)
+    if args.method == "clip":
+        args.mvs = args.ss = args.nns = False
+    if args.steps is None and args.epochs is None:
+        p.error("give --steps or --epochs")
+    for flag in ("batch_size", "save_every", "log_every", "workers", "max_bad_steps"):
+        if getattr(args, flag) < (0 if flag == "workers" else 1):
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    if not 0.0 <= args.patch_dropout < 1.0:
+        p.error("--patch-dropout must be in [0, 1)")
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed set-up
+
+def setup_distributed(args):
+    """Read torchrun's environment; NCCL on GPUs, gloo on CPU. Returns (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def seed_step(seed, rank, step):
+    """All randomness of a step (patch dropout, MLM masking) comes from (seed, rank, step)."""
+    torch.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
+
+
+# ----------------------------------------------------------------------------- data
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded permutation of the dataset, starting at a given batch.
+
+    Like DistributedSampler with drop_last, but it can start mid-epoch, which makes resume exact
+    without replaying the data loader. Every rank gets the same number of full batches.
+    """
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.batches_per_epoch = n // (batch_size * world)
+        self.epoch, self.start_batch = 0, 0
+        if self.batches_per_epoch == 0:
+            raise SystemExit(f"dataset has {n} samples, fewer than one global batch "
+                             f"({batch_size} x {world}): lower --batch-size")
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g)[self.rank::self.world]
+        order = order[self.start_batch * self.batch_size: self.batches_per_epoch * self.batch_size]
+        return iter(order.tolist())
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+def build_tokenizer(args, base, checkpoint):
+    """Returns (tokenizer, merges to store in checkpoints: None stands for OpenAI's vocabulary)."""
+    if checkpoint is not None:  # resume: the vocabulary travels with the weights
+        merges = checkpoint.get("merges")
+        if merges is None:
+            return Tokenizer.openai(), None
+        return Tokenizer([tuple(m.split(" ")) for m in merges]), merges
+    kind = args.tokenizer
+    if kind == "auto":
+        kind = "train" if args.data == "builtin" else "openai"
+    if kind == "openai":
+        return Tokenizer.openai(), None
+    if kind == "train":  # deterministic, so every rank learns the same merges without talking
+        texts = [base.caption(i) for i in range(min(len(base), 20000))]
+        tokenizer = Tokenizer.train(texts, args.vocab_size)
+    elif os.path.exists(kind):
+        tokenizer = Tokenizer.from_merges(kind)
+    else:
+        raise SystemExit(f"--tokenizer {kind}: no such merges file (use openai, train, or a path)")
+    return tokenizer, [" ".join(m) for m in tokenizer.merges]
+
+
+def build_loader(args, base, tokenizer, image_size, rank, world):
+    two_views = args.mvs or args.ss
+    transform = (data.declip_image_transform if two_views else data.clip_image_transform)(image_size)
+    dataset = data.ImageText(base, transform, views=2 if two_views else 1,
+                             text_aug=eda.augment if args.mvs else None, seed=args.seed)
+    sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
+    collate = functools.partial(data.collate, tokenizer=tokenizer,
+                                context_length=args.context_length)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available())
+    return dataset, sampler, loader
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def build_optimizer(model, args):
+    """AdamW; no weight decay on norms, biases, embeddings' 1-d vectors and the logit scale/bias."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "bn" in name or "ln" in name or "logit_" in name or name.endswith("bias")
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6)
+
+
+def lr_at(step, total, warmup, base_lr):
+    """Linear warm-up to base_lr, then cosine decay to 0."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume(args):
+    if args.resume is None:
+        path = os.path.join(args.output, "checkpoint.pt")
+        if os.path.exists(path):
+            raise SystemExit(f"{path} exists: pass --resume auto to continue that run, "
+                             f"or --output DIR for a new one")
+        return None
+    path = os.path.join(args.output, "checkpoint.pt") if args.resume == "auto" else args.resume
+    if not os.path.exists(path):
+        if args.resume == "auto":
+            return None  # first start of a run launched with --resume auto (torchrun restarts)
+        raise SystemExit(f"--resume {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"--resume {path}: unreadable checkpoint ({type(e).__name__}); "
+                         f"delete it or resume from another file") from None
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed(args)
+    is_main = rank == 0
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if args.precision == "fp16" and device.type != "cuda":
+        raise SystemExit("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on CPU")
+    checkpoint = load_resume(args)
+
+    # data and vocabulary
+    try:
+        base = data.build_dataset(args.data, args.data_root, split="train",
+                                  image_size=args.image_size or 64, img_key=args.csv_img_key,
+                                  caption_key=args.csv_caption_key, sep=args.csv_separator)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    tokenizer, merges = build_tokenizer(args, base, checkpoint)
+
+    # model
+    overrides = dict(vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+                     patch_dropout=args.patch_dropout)
+    if args.image_size:
+        overrides["image_resolution"] = args.image_size
+    clip = create_model(args.model, **overrides)
+    if checkpoint is not None and checkpoint["model_config"] != clip.config:
+        raise SystemExit(f"--resume: the checkpoint holds another architecture "
+                         f"({checkpoint['args'].get('model')}); use the same --model and flags")
+    args.context_length = clip.config["context_length"]
+    image_size = clip.config["image_resolution"]
+    model = DeCLIP(clip, alpha=args.alpha, beta=args.beta, gamma=args.gamma, mvs=args.mvs,
+                   ss=args.ss, nns=args.nns, loss=args.loss, queue_size=args.queue_size,
+                   mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size).to(device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    if world > 1:
+        model = nn_sync_bn(model)
+        # broadcast_buffers=False: the NN queue is identical on every rank by construction (it is
+        # fed the gathered batch) and SimSiam's BatchNorm is synchronised, so there is nothing
+        # to broadcast, and broadcasting a 64K x D queue every step would cost real time.
+        ddp = DistributedDataParallel(model, broadcast_buffers=False,
+                                      device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        ddp = model
+
+    dataset, sampler, loader = build_loader(args, base, tokenizer, image_size, rank, world)
+    steps_per_epoch = sampler.batches_per_epoch
+    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+    step = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        step = checkpoint["step"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16"
+                              else torch.float16, enabled=args.precision != "fp32")
+
+    log = None
+    if is_main:
+        os.makedirs(args.output, exist_ok=True)
+        log = open(os.path.join(args.output, "log.jsonl"), "a")
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args.method} {args.model} ({n_params / 1e6:.1f}M params) on {args.data}, "
+              f"{world} x {args.batch_size} per step, {total} steps, {device}, {args.precision}"
+              + (f", resumed at step {step}" if step else ""))
+        print("args: " + json.dumps(vars(args), sort_keys=True))
+
+    def checkpoint_state():
+        return {"state_dict": model.clip.state_dict(), "model_config": model.clip.config,
+                "merges": merges,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                "batch_in_epoch": step % steps_per_epoch, "args": vars(args)}
+
+    progress = None
+    if is_main:
+        from tqdm import tqdm
+        progress = tqdm(total=total, initial=step, dynamic_ncols=True, disable=None)
+    bad_in_a_row, n_bad, n_skipped = 0, 0, 0
+    sums, t_log, n_log = {}, time.time(), 0
+    model.train()
+    while step < total:
+        epoch, start_batch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch)
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            if "image" not in batch:  # every sample of this batch was unreadable
+                n_skipped += int(batch["n_skipped"])
+                if world > 1:  # the other ranks are waiting in this step's all-gather
+                    raise SystemExit(f"rank {rank}: a whole batch of unreadable samples; "
+                                     f"check the data (see the warnings above)")
+                continue
+            seed_step(args.seed, rank, step)
+            lr = lr_at(step, total, args.warmup, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
+            with autocast:
+                loss, terms = ddp(batch["image"], batch.get("image_aug"), batch["ids"],
+                                  batch.get("ids_aug"))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            # DDP made the gradients identical on every rank, so every rank takes the same decision.
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), args.grad_clip if args.grad_clip else float("inf"))
+            finite = bool(torch.isfinite(grad_norm))  # the one host sync of the step
+            if finite:
+                scaler.step(optimizer)
+                bad_in_a_row = 0
+            else:
+                n_bad += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= args.max_bad_steps:
+                    raise SystemExit(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
+                                     f"lower --lr, set --grad-clip, or use --precision bf16/fp32; "
+                                     f"the last good checkpoint is kept")
+            scaler.update()
+            clamp_logit_scale_(model.clip.logit_scale)
+            step += 1
+            n_skipped += int(batch.get("n_skipped", 0))
+
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            n_log += 1
+            if step % args.log_every == 0 or step == total:
+                record = {k: round(float(v) / n_log, 5) for k, v in sums.items()}
+                dt = time.time() - t_log
+                record.update(step=step, epoch=epoch, lr=lr,
+                              samples_per_s=round(n_log * args.batch_size * world / dt, 1),
+                              bad_steps=n_bad, skipped_samples=n_skipped)
+                sums, t_log, n_log = {}, time.time(), 0
+                if is_main:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    progress.set_postfix(loss=record.get("total"), sps=record["samples_per_s"],
+                                         lr=f"{lr:.2e}")
+            if is_main:
+                progress.update(1)
+            if args.eval_every and step % args.eval_every == 0 and step < total:
+                evaluate(model.clip, tokenizer, args, device, rank, world, step, log)
+            if step % args.save_every == 0 or step == total:
+                if is_main:
+                    save_checkpoint(os.path.join(args.output, "checkpoint.pt"), checkpoint_state())
+                if world > 1:
+                    dist.barrier()
+            if args.crash_at_step is not None and step == args.crash_at_step:
+                marker = os.path.join(args.output, f".crashed-{rank}")
+                if rank == world - 1 and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(13)  # simulate a worker killed mid-run (fault-tolerance test)
+            if step >= total:
+                break
+    if is_main:
+        progress.close()
+    result = evaluate(model.clip, tokenizer, args, device, rank, world, step, log)
+    if is_main:
+        log.close()
+        print(f"zero-shot top-1 {100 * result['top1']:.1f}%  top-5 {100 * result['top5']:.1f}%  "
+              f"on the built-in eval split ({args.eval_size} images) after {step} steps")
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def nn_sync_bn(model):
+    """SimSiam's BatchNorm must see the global batch for DDP to equal one process (declip.py)."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def evaluate(clip, tokenizer, args, device, rank, world, step, log):
+    """Zero-shot top-1/top-5 on the built-in eval split, on rank 0; the others wait."""
+    result = {}
+    if rank == 0:
+        result = evaluate_builtin(clip, tokenizer, n=args.eval_size, device=device, seed=args.seed)
+        if log is not None:
+            log.write(json.dumps({"step": step, "zeroshot": result}) + "\n")
+            log.flush()
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+if __name__ == "__main__":
+    main()
