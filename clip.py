@@ -20,7 +20,9 @@ Where we differ from OpenAI's code:
 - Attention runs on `F.scaled_dot_product_attention`, batch first, `is_causal=True` for the text.
 - Mixed precision through `torch.autocast` only: no fp16 weight conversion, plain `nn.LayerNorm`.
 - Selectable activation: "quick_gelu" (OpenAI's weights) or "gelu" (our default for new models).
-- ViT patch dropout (FLIP, Li et al. 2023); an attention hook (keys out, additive bias in) for ToMe.
+- ViT patch dropout (FLIP, Li et al. 2023) and token merging (ToMe, tome.py: `tome_r`).
+- Other towers (SPEC §4's pre-trained init): a DINO-layout ViT, torchvision's ResNet, BERT text
+  (pretrained.py, bert.py; imported only when asked for, so this file alone needs torch only).
 Left out: OpenCLIP's extras (layer scale, attentional poolers, HF/timm towers, SigLIP logit bias).
 """
 import math
@@ -63,7 +65,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
         qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, W/H) each
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
+        bias = None if attn_bias is None else attn_bias.to(q.dtype)  # SDPA: mask dtype = q's
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal)
         x = self.out_proj(x.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
         return (x, k) if return_keys else x
 
@@ -71,13 +74,13 @@ class Attention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width, heads, act="gelu"):
+    def __init__(self, width, heads, act="gelu", ln_eps=1e-5):
         super().__init__()
         if act not in ("gelu", "quick_gelu"):
             raise ValueError(f"act={act!r} is not supported; use 'gelu' or 'quick_gelu'")
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=ln_eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, width * 4)),
             ("gelu", QuickGELU() if act == "quick_gelu" else nn.GELU()),
@@ -90,11 +93,11 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, act="gelu"):
+    def __init__(self, width, layers, heads, act="gelu", ln_eps=1e-5):
         super().__init__()
         self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
+            [ResidualAttentionBlock(width, heads, act, ln_eps) for _ in range(layers)])
 
     def forward(self, x, is_causal=False):  # (B, L, W) -> (B, L, W)
         for block in self.resblocks:
@@ -123,8 +126,15 @@ class PatchDropout(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """ViT: patches + class token + positions, `ln_pre`, blocks, `ln_post` on the class token, proj.
+
+    `ln_pre=False` and `ln_eps=1e-6` give DINO's layout (pretrained.py loads DINO weights; its patch
+    bias is folded into the patch tokens' positional embedding). `tome_r`: ToMe merges per block,
+    an int or one per block (tome.py); it can be changed on a built model.
+    """
+
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim,
-                 act="gelu", patch_dropout=0.0):
+                 act="gelu", patch_dropout=0.0, ln_pre=True, ln_eps=1e-5, tome_r=0):
         super().__init__()
         self.input_resolution, self.output_dim = input_resolution, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -133,10 +143,11 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid ** 2 + 1, width))
         self.patch_dropout = PatchDropout(patch_dropout)
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, act)
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_pre = nn.LayerNorm(width, eps=ln_eps) if ln_pre else nn.Identity()
+        self.transformer = Transformer(width, layers, heads, act, ln_eps)
+        self.ln_post = nn.LayerNorm(width, eps=ln_eps)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.tome_r = tome_r
 
     def forward(self, x):  # (B, 3, R, R) -> (B, D)
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, W), N = (R / patch)^2
@@ -144,8 +155,27 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls_token, x], dim=1)  # (B, 1 + N, W)
         x = x + self.positional_embedding.to(x.dtype)
         x = self.ln_pre(self.patch_dropout(x))
-        x = self.transformer(x)
+        r, n = self.tome_r, len(self.transformer.resblocks)
+        schedule = list(r) if isinstance(r, (list, tuple)) else [r] * n
+        if len(schedule) != n:
+            raise ValueError(f"tome_r has {len(schedule)} entries for {n} blocks (one per block)")
+        x = self._tome_blocks(x, schedule) if any(schedule) else self.transformer(x)
         return self.ln_post(x[:, 0]) @ self.proj  # class token only: LayerNorm is per token
+
+    def _tome_blocks(self, x, schedule):  # (B, 1 + N, W) -> (B, 1 + N', W)
+        """The blocks with ToMe: size-weighted attention, then r merges before each MLP."""
+        import tome  # here, so clip.py alone runs every model without ToMe on torch only
+
+        size = None  # (B, L, 1) patches per token; None until the first merge (all ones)
+        for block, r in zip(self.transformer.resblocks, schedule):
+            out, keys = block.attn(block.ln_1(x), attn_bias=tome.proportional_bias(size),
+                                   return_keys=True)  # (B, L, W), (B, H, L, W/H)
+            x = x + out
+            if r > 0:
+                merge = tome.bipartite_soft_matching(keys.mean(1), r, class_token=True)
+                x, size = tome.merge_wavg(merge, x, size)  # (B, L - r, W)
+            x = x + block.mlp(block.ln_2(x))
+        return x
 
 
 class Bottleneck(nn.Module):
@@ -245,12 +275,22 @@ class CLIP(nn.Module):
 
     `vision_heads=None` follows OpenAI (ViT: width / 64, ResNet: 32 width / 64). `eot_id` is the
     token whose first occurrence carries the text feature. `config` holds the constructor arguments.
+    Options beyond OpenAI (defaults give OpenAI's model and state dict):
+    - `vision_ln_pre`, `vision_ln_eps`: ViT without ln_pre, its LayerNorm eps (DINO: False, 1e-6).
+    - `tome_r`: ToMe merges per ViT block (int or list; tome.py). `model.visual.tome_r = r` changes
+      it later (config keeps the value the model was built with).
+    - `image_tower="tv-resnet50"` (any torchvision ResNet): torchvision's ResNet as `visual`
+      (pretrained.py); the vision_* sizes are then unused.
+    - `text_tower="bert"`: a BERT encoder (bert.py) as `self.bert` instead of OpenAI's text
+      parameters, sized by the transformer_*, vocab_size, context_length arguments; z_txt is its
+      [CLS] feature @ text_projection, and eot_id is unused.
     """
 
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_heads,
                  transformer_layers, act="gelu", patch_dropout=0.0, eot_id=49407,
-                 vision_heads=None):
+                 vision_heads=None, vision_ln_pre=True, vision_ln_eps=1e-5, tome_r=0,
+                 image_tower=None, text_tower=None):
         super().__init__()
         self.config = dict(
             embed_dim=embed_dim, image_resolution=image_resolution, vision_layers=vision_layers,
@@ -258,31 +298,48 @@ class CLIP(nn.Module):
             context_length=context_length, vocab_size=vocab_size,
             transformer_width=transformer_width, transformer_heads=transformer_heads,
             transformer_layers=transformer_layers, act=act, patch_dropout=patch_dropout,
-            eot_id=eot_id, vision_heads=vision_heads)
+            eot_id=eot_id, vision_heads=vision_heads, vision_ln_pre=vision_ln_pre,
+            vision_ln_eps=vision_ln_eps, tome_r=tome_r, image_tower=image_tower,
+            text_tower=text_tower)
         self.context_length, self.vocab_size, self.eot_id = context_length, vocab_size, eot_id
-        if isinstance(vision_layers, (tuple, list)):
-            if patch_dropout:
-                raise ValueError("patch_dropout needs a ViT image tower, not a ResNet")
+        self.text_tower = text_tower
+        vit = image_tower is None and not isinstance(vision_layers, (tuple, list))
+        if not vit and (patch_dropout or tome_r):
+            raise ValueError("patch_dropout and tome_r need a ViT image tower, not a ResNet")
+        if image_tower is not None:  # imported here: clip.py alone needs torch only
+            from pretrained import TorchvisionResNetTower
+            self.visual = TorchvisionResNetTower(image_tower, embed_dim, image_resolution)
+        elif not vit:
             self.visual = ModifiedResNet(tuple(vision_layers), embed_dim,
                                          vision_heads or vision_width * 32 // 64,
                                          image_resolution, vision_width)
         else:
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
                                             vision_layers, vision_heads or vision_width // 64,
-                                            embed_dim, act, patch_dropout)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
-                                       act)
-        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
-        self.ln_final = nn.LayerNorm(transformer_width)
+                                            embed_dim, act, patch_dropout, vision_ln_pre,
+                                            vision_ln_eps, tome_r)
+        if text_tower == "bert":
+            from bert import BertModel
+            self.bert = BertModel(vocab_size, context_length, transformer_width,
+                                  transformer_layers, transformer_heads)
+        elif text_tower is None:
+            self.transformer = Transformer(transformer_width, transformer_layers,
+                                           transformer_heads, act)
+            self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+            self.positional_embedding = nn.Parameter(torch.empty(context_length,
+                                                                 transformer_width))
+            self.ln_final = nn.LayerNorm(transformer_width)
+        else:
+            raise ValueError(f"text_tower={text_tower!r}: use None (OpenAI's) or 'bert'")
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # shape [] as OpenAI
         self.initialize_parameters()
 
     def initialize_parameters(self):
-        """OpenAI's initialisation (the ViT's own parameters are set in its constructor)."""
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        """OpenAI's initialisation (ViT, torchvision and BERT towers initialise themselves)."""
+        if self.text_tower is None:
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.positional_embedding, std=0.01)
         if isinstance(self.visual, ModifiedResNet):
             pool = self.visual.attnpool
             std = pool.c_proj.in_features ** -0.5
@@ -292,13 +349,14 @@ class CLIP(nn.Module):
                           self.visual.layer4):
                 for block in stage:
                     nn.init.zeros_(block.bn3.weight)  # each residual branch starts as identity
-        width, layers = self.transformer.width, self.transformer.layers
-        proj_std = width ** -0.5 * (2 * layers) ** -0.5
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        width = self.text_projection.shape[0]
+        if self.text_tower is None:
+            proj_std = width ** -0.5 * (2 * self.transformer.layers) ** -0.5
+            for block in self.transformer.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     def encode_image(self, images, normalize=False):  # (B, 3, R, R) -> (B, D)
@@ -306,23 +364,28 @@ class CLIP(nn.Module):
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(self, ids, normalize=False, return_tokens=False):
-        """ids (B, L) -> z (B, D); with return_tokens, (z, ln_final outputs (B, L, W) for MLM)."""
+        """ids (B, L) -> z (B, D); with return_tokens, (z, token features (B, L, W) for MLM: the
+        ln_final outputs, or BERT's last hidden states)."""
         B, L = ids.shape
         if L > self.context_length:
             n = self.context_length
             raise ValueError(f"ids have {L} tokens but the model's context_length is {n}; "
                              f"tokenize with context_length={n}")
-        x = self.token_embedding(ids) + self.positional_embedding[:L]  # (B, L, W)
-        x = self.transformer(x, is_causal=True)
-        is_eot = ids == self.eot_id
-        # first EOT (argmax of 0/1 returns the first 1); a row without EOT uses its last token
-        eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), L - 1)  # (B,)
-        rows = torch.arange(B, device=ids.device)
-        if return_tokens:
-            tokens = self.ln_final(x)  # (B, L, W)
-            pooled = tokens[rows, eot]
+        if self.text_tower == "bert":  # bidirectional: [CLS] (position 0) sums up the text
+            tokens = self.bert(ids)  # (B, L, W), already layer-normed (post-LN)
+            pooled = tokens[:, 0]
         else:
-            pooled = self.ln_final(x[rows, eot])  # LayerNorm is per token: only EOT's is needed
+            x = self.token_embedding(ids) + self.positional_embedding[:L]  # (B, L, W)
+            x = self.transformer(x, is_causal=True)
+            is_eot = ids == self.eot_id
+            # first EOT (argmax of 0/1 returns the first 1); a row without EOT uses its last token
+            eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), L - 1)  # (B,)
+            rows = torch.arange(B, device=ids.device)
+            if return_tokens:
+                tokens = self.ln_final(x)  # (B, L, W)
+                pooled = tokens[rows, eot]
+            else:
+                pooled = self.ln_final(x[rows, eot])  # LayerNorm is per token: only EOT's needed
         z = pooled @ self.text_projection  # (B, D)
         z = F.normalize(z, dim=-1) if normalize else z
         return (z, tokens) if return_tokens else z

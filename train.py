@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -42,12 +43,12 @@ PRESETS = {
     # DeCLIP's CC3M ablation (Table 4): RN50, global batch 1024 (128 x 8 GPUs), 32 epochs; optimiser as in
     # the official code (SPEC 3b): AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up steps.
     "declip-cc3m": dict(model="RN50", data="cc3m", method="declip", batch_size=128, epochs=32,
-                        lr=1e-3, wd=0.1, warmup=2500, image_size=224),
+                        lr=1e-3, wd=0.1, warmup=2500, queue_size=65536),
     "clip-cc3m": dict(model="RN50", data="cc3m", method="clip", batch_size=128, epochs=32,
-                      lr=1e-3, wd=0.1, warmup=2500, image_size=224),
+                      lr=1e-3, wd=0.1, warmup=2500),
     # The medium-scale study: ViT-S/16, global batch 2048 (256 x 8), 24 epochs, 2,000 warm-up steps.
     "study-vits-cc3m": dict(model="ViT-S-16", data="cc3m", method="clip", batch_size=256, epochs=24,
-                            lr=1e-3, wd=0.1, warmup=2000, image_size=224),
+                            lr=1e-3, wd=0.1, warmup=2000, queue_size=65536),
 }
 
 
@@ -64,7 +65,8 @@ def get_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.2, help="weight of L_ISS + L_TSS")
     p.add_argument("--beta", type=float, default=0.2, help="weight of L_MVS")
     p.add_argument("--gamma", type=float, default=0.2, help="weight of L_NNS")
-    p.add_argument("--queue-size", type=int, default=65536)
+    p.add_argument("--queue-size", type=int, default=8192,
+                   help="NN queue length (the paper: 65,536 for batch 1024+)")
     p.add_argument("--model", default="tiny", help="tiny, RN50, RN101, ViT-B-32, ViT-B-16, ViT-S-16")
     p.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: fraction of patches dropped")
     p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
@@ -132,7 +134,12 @@ def setup_distributed(args):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun keeps one key-value store across restarts (--max-restarts): without a fresh
+        # prefix, a restarted group reads the dead workers' addresses and cannot connect.
+        store, rank, world = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                                rank=rank, world_size=world)
     return rank, world, device
 
 
@@ -283,6 +290,7 @@ def main(argv=None):
                      patch_dropout=args.patch_dropout)
     if args.image_size:
         overrides["image_resolution"] = args.image_size
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     clip = create_model(args.model, **overrides)
     if checkpoint is not None and checkpoint["model_config"] != clip.config:
         raise SystemExit(f"--resume: the checkpoint holds another architecture "
@@ -299,8 +307,10 @@ def main(argv=None):
         # broadcast_buffers=False: the NN queue is identical on every rank by construction (it is
         # fed the gathered batch) and SimSiam's BatchNorm is synchronised, so there is nothing
         # to broadcast, and broadcasting a 64K x D queue every step would cost real time.
-        ddp = DistributedDataParallel(model, broadcast_buffers=False,
-                                      device_ids=[device.index] if device.type == "cuda" else None)
+        with warnings.catch_warnings():  # torch >= 2.14 renames the flag; 2.2 only knows this name
+            warnings.simplefilter("ignore", FutureWarning)
+            ddp = DistributedDataParallel(model, broadcast_buffers=False, device_ids=[
+                device.index] if device.type == "cuda" else None)
     else:
         ddp = model
 

@@ -1,0 +1,276 @@
+"""Benchmarks, measured side by side in one run so the ratios hold on whatever machine runs them.
+
+    python bench.py                      # everything below, CPU, a few minutes
+    python bench.py --only step,tokenizer,declip,methods --models tiny,ViT-B-32 --batch 8
+
+- step:      one full training step (forward, loss, backward, AdamW) of our CLIP against OpenCLIP's
+             on the same architecture, the same weights and the same batch, with the loss of both
+             printed to show the numerics agree. Needs `open_clip_torch` (not a dependency: the
+             comparison is skipped without it).
+- tokenizer: captions/s of our BPE tokenizer against OpenCLIP's (same ids; checked).
+- declip:    DeCLIP step time / CLIP step time on the same model and batch, and the memory ratio
+             (peak CUDA memory on a GPU; on CPU the bytes autograd saves for backward, which is
+             what the extra views cost).
+- methods:   samples/s of CLIP, FLIP (patch dropout 0.5), SigLIP, SigFLIP and ToMe relative to
+             CLIP on the same model and batch (the medium-scale study's Fig. 4).
+
+Timings interleave the contenders step by step and report medians, so background load hits all
+alike. Each row prints how it was measured.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from clip import build_model, create_model
+from declip import DeCLIP
+from losses import clip_loss
+
+
+def timed(fn, warmup=2, repeat=6):
+    """Median seconds of fn() over `repeat` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def interleaved(fns, warmup=2, repeat=6):
+    """Median seconds of each of several fns, called in turn so that load hits them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fake_batch(batch, image_size, context_length, vocab_size, eot_id, device):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
+    ids = torch.randint(1, eot_id - 1, (batch, context_length), generator=g)
+    ids[:, 0] = eot_id - 1                               # SOT
+    ids[:, context_length // 2] = eot_id                 # EOT half way, then padding
+    ids[:, context_length // 2 + 1:] = 0
+    return images.to(device), ids.to(device)
+
+
+# ----------------------------------------------------------------------------- ours vs OpenCLIP
+
+def openclip_twin(name):
+    """OpenCLIP's model of the same architecture, and ours built from its (random) weights."""
+    import open_clip
+    if name == "tiny":
+        ref = open_clip.model.CLIP(
+            128, dict(layers=3, width=128, patch_size=8, image_size=64, head_width=32),
+            dict(context_length=32, vocab_size=49409, width=128, heads=4, layers=3))
+        ours = build_model(ref.state_dict(), act="gelu", vision_heads=4, transformer_heads=4)
+    else:
+        ref = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
+        ours = build_model(ref.state_dict())
+    return ours.train(), ref.train()
+
+
+def bench_step(models, batch, device, repeat):
+    try:
+        import open_clip
+    except ImportError:
+        print("step: open_clip_torch is not installed; `pip install open_clip_torch` to compare")
+        return
+    print(f"\n## Training step, ours vs OpenCLIP (batch {batch}, {device}, "
+          f"{torch.get_num_threads()} threads, median of {repeat} interleaved steps)")
+    print("| model | ours (ms) | OpenCLIP (ms) | speed-up | max loss difference |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        ours, ref = openclip_twin(name)
+        ours, ref = ours.to(device), ref.to(device)
+        cfg = ours.config
+        images, ids = fake_batch(batch, cfg["image_resolution"], cfg["context_length"],
+                                 cfg["vocab_size"], 49407, device)
+        # ours: our loss and our optimiser settings (train.py); theirs: ClipLoss and the AdamW
+        # their training script builds (torch defaults: single-tensor on CPU)
+        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, foreach=True)
+        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-5)
+        loss_fn_ref = open_clip.ClipLoss()
+        losses = {"ours": [], "ref": []}
+
+        def step_ours():
+            z_img, z_txt, scale = ours(images, ids)
+            loss = clip_loss(z_img, z_txt, scale)
+            opt_ours.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_ours.step()
+            losses["ours"].append(loss.detach())
+
+        def step_ref():
+            out = ref(images, ids)
+            loss = loss_fn_ref(out["image_features"], out["text_features"], out["logit_scale"])
+            opt_ref.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_ref.step()
+            losses["ref"].append(loss.detach())
+
+        t = interleaved({"ours": step_ours, "ref": step_ref}, repeat=repeat)
+        diff = max(abs(float(a) - float(b)) for a, b in zip(losses["ours"], losses["ref"]))
+        print(f"| {name} | {t['ours'] * 1e3:.0f} | {t['ref'] * 1e3:.0f} | "
+              f"{t['ref'] / t['ours']:.2f}x | {diff:.1e} |")
+
+
+def bench_tokenizer(n=10000):
+    from data import SyntheticCaptions
+    from tokenizer import Tokenizer
+    captions = [SyntheticCaptions(seed=1).caption(i) for i in range(n)]
+    ours = Tokenizer.openai()
+    rows = [("ours", lambda: ours(captions, context_length=77))]
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+        ref = SimpleTokenizer()
+        assert torch.equal(ours(captions[:500]), ref(captions[:500]))
+        rows.append(("OpenCLIP", lambda: ref(captions, context_length=77)))
+    except ImportError:
+        pass
+    print(f"\n## Tokenizer ({n} built-in captions, batch call, median of 3 after a warm-up)")
+    print("| tokenizer | captions/s |")
+    print("|---|---|")
+    for label, fn in rows:
+        print(f"| {label} | {n / timed(fn, warmup=1, repeat=3):,.0f} |")
+
+
+# ----------------------------------------------------------------------------- DeCLIP vs CLIP
+
+def saved_activation_bytes(fn):
+    """Bytes autograd keeps for backward during fn() (distinct storages): the CPU memory proxy."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and not isinstance(t, torch.nn.Parameter):
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def make_trainer(method, model_name, vocab_size, device, **kw):
+    clip = create_model(model_name, vocab_size=vocab_size, eot_id=vocab_size - 2, **kw)
+    on = method == "declip"
+    loss = "siglip" if "sig" in method.lower() else "infonce"
+    model = DeCLIP(clip, mvs=on, ss=on, nns=on, loss=loss, queue_size=8192,
+                   mask_id=vocab_size - 1, vocab_size=vocab_size).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    return model, opt
+
+
+def step_fn(model, opt, images, ids):
+    two = model.mvs or model.ss
+
+    def step():
+        loss, _ = model(images, images.flip(-1) if two else None, ids,
+                        ids.clone() if model.mvs else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_declip(models, batch, device, repeat, vocab_size=1024):
+    print(f"\n## DeCLIP / CLIP cost (batch {batch}, vocab {vocab_size}, {device}, median of "
+          f"{repeat} interleaved steps; memory: "
+          + ("peak CUDA allocation)" if device.type == "cuda" else "bytes saved for backward)"))
+    print("| model | CLIP step (ms) | DeCLIP step (ms) | time ratio | memory ratio |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        fns, mem = {}, {}
+        for method in ("clip", "declip"):
+            model, opt = make_trainer(method, name, vocab_size, device)
+            cfg = model.clip.config
+            images, ids = fake_batch(batch, cfg["image_resolution"], cfg["context_length"],
+                                     vocab_size, vocab_size - 2, device)
+            fns[method] = step_fn(model, opt, images, ids)
+            mem[method] = peak_memory(fns[method], device)
+        t = interleaved(fns, repeat=repeat)
+        print(f"| {name} | {t['clip'] * 1e3:.0f} | {t['declip'] * 1e3:.0f} | "
+              f"{t['declip'] / t['clip']:.2f}x | {mem['declip'] / mem['clip']:.2f}x |")
+
+
+def peak_memory(fn, device):
+    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return saved_activation_bytes(fn)
+
+
+def bench_methods(models, batch, device, repeat, vocab_size=1024):
+    """The study's Fig. 4: samples/s of each variant relative to CLIP."""
+    import inspect
+    has_tome = "tome_r" in inspect.signature(create_model).parameters or True
+    print(f"\n## Throughput of the CLIP variants (batch {batch}, {device}, median of {repeat} "
+          f"interleaved steps)")
+    print("| model | method | samples/s | vs CLIP | memory vs CLIP |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        variants = {"CLIP": ("clip", {}), "FLIP": ("clip", {"patch_dropout": 0.5}),
+                    "SigLIP": ("sigclip", {}), "SigFLIP": ("sigclip", {"patch_dropout": 0.5})}
+        if has_tome:
+            n_tokens = (create_model(name).config["image_resolution"]
+                        // create_model(name).config["vision_patch_size"]) ** 2
+            variants["ToMe"] = ("clip", {"tome_r": max(1, n_tokens // (2 * 12))})
+        fns, mem = {}, {}
+        for label, (method, kw) in variants.items():
+            try:
+                model, opt = make_trainer(method, name, vocab_size, device, **kw)
+            except TypeError:
+                continue
+            cfg = model.clip.config
+            images, ids = fake_batch(batch, cfg["image_resolution"], cfg["context_length"],
+                                     vocab_size, vocab_size - 2, device)
+            fns[label] = step_fn(model, opt, images, ids)
+            mem[label] = peak_memory(fns[label], device)
+        t = interleaved(fns, repeat=repeat)
+        for label in fns:
+            print(f"| {name} | {label} | {batch / t[label]:.1f} | {t['CLIP'] / t[label]:.2f}x | "
+                  f"{mem[label] / mem['CLIP']:.2f}x |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default="step,tokenizer,declip,methods")
+    p.add_argument("--models", default="tiny,ViT-B-32")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, models, only = torch.device(args.device), args.models.split(","), args.only.split(",")
+    torch.manual_seed(0)
+    if "step" in only:
+        bench_step(models, args.batch, device, args.repeat)
+    if "tokenizer" in only:
+        bench_tokenizer()
+    if "declip" in only:
+        bench_declip(models, args.batch, device, args.repeat)
+    if "methods" in only:
+        bench_methods(models, args.batch, device, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""Tests for pretrained.py and bert.py: DINO / torchvision / BERT weights against reference
+forwards written out here, the WordPiece tokenizer on a handmade vocabulary, locking, groups."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bert
+import clip
+import pretrained
+
+TEXT = dict(context_length=16, vocab_size=100, eot_id=99, transformer_width=32,
+            transformer_heads=2, transformer_layers=1)  # a small OpenAI text tower
+
+
+def _message(fn, *args, **kwargs):
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    return msg
+
+
+# ----------------------------------------------------------------------------- DINO
+
+W, DEPTH, HEADS, PATCH = 32, 2, 4, 8
+
+
+def dino_state_dict(grid=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {"cls_token": torch.randn(1, 1, W, generator=g),
+          "pos_embed": torch.randn(1, 1 + grid * grid, W, generator=g),
+          "patch_embed.proj.weight": torch.randn(W, 3, PATCH, PATCH, generator=g) * 0.1,
+          "patch_embed.proj.bias": torch.randn(W, generator=g),
+          "norm.weight": 1 + 0.1 * torch.randn(W, generator=g),
+          "norm.bias": 0.1 * torch.randn(W, generator=g)}
+    for i in range(DEPTH):
+        for name, shape in [("norm1", (W,)), ("attn.qkv", (3 * W, W)), ("attn.proj", (W, W)),
+                            ("norm2", (W,)), ("mlp.fc1", (4 * W, W)), ("mlp.fc2", (W, 4 * W))]:
+            if len(shape) == 1:  # LayerNorm
+                sd[f"blocks.{i}.{name}.weight"] = 1 + 0.1 * torch.randn(shape, generator=g)
+            else:
+                sd[f"blocks.{i}.{name}.weight"] = torch.randn(shape, generator=g) / shape[1] ** 0.5
+            sd[f"blocks.{i}.{name}.bias"] = 0.1 * torch.randn(shape[0], generator=g)
+    return sd
+
+
+def dino_reference(sd, images):
+    """DINO's ViT forward written out: class-token feature after the final norm (B, W)."""
+    def ln(x, name):
+        return F.layer_norm(x, (W,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)
+
+    def linear(x, name):
+        return F.linear(x, sd[name + ".weight"], sd[name + ".bias"])
+
+    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH)
+    x = x.flatten(2).transpose(1, 2)  # (B, N, W)
+    B, N = x.shape[:2]
+    x = torch.cat([sd["cls_token"].expand(B, -1, -1), x], dim=1) + sd["pos_embed"]
+    d = W // HEADS
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+        qkv = linear(ln(x, p + "norm1"), p + "attn.qkv").reshape(B, N + 1, 3, HEADS, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, 1 + N, d) each
+        attn = (q @ k.transpose(-2, -1) / math.sqrt(d)).softmax(dim=-1)
+        x = x + linear((attn @ v).transpose(1, 2).reshape(B, N + 1, W), p + "attn.proj")
+        x = x + linear(F.gelu(linear(ln(x, p + "norm2"), p + "mlp.fc1")), p + "mlp.fc2")
+    return ln(x, "norm")[:, 0]
+
+
+def _features_before_proj(model, images):
+    seen = []
+    hook = model.visual.ln_post.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model.encode_image(images)
+    hook.remove()
+    return seen[0]
+
+
+DINO_VIT = dict(image_resolution=32, vision_width=W, vision_layers=DEPTH, vision_heads=HEADS,
+                vision_patch_size=PATCH, embed_dim=16, **TEXT)
+
+
+@pytest.mark.parametrize("full_checkpoint", [False, True])
+def test_dino_matches_reference(tmp_path, full_checkpoint):
+    sd = dino_state_dict()
+    obj = sd
+    if full_checkpoint:  # DINO's training checkpoints: teacher/student with prefixes and heads
+        obj = {"teacher": {**{"backbone." + k: v for k, v in sd.items()},
+                           "head.mlp.0.weight": torch.zeros(3, W)}, "epoch": torch.tensor(1)}
+    torch.save(obj, tmp_path / "dino.pth")
+    model = pretrained.create_model("tiny", image=f"dino:{tmp_path / 'dino.pth'}", **DINO_VIT)
+    assert isinstance(model.visual.ln_pre, nn.Identity) and model.config["act"] == "gelu"
+    images = torch.randn(2, 3, 32, 32)
+    want = dino_reference(sd, images)
+    torch.testing.assert_close(_features_before_proj(model, images), want, atol=1e-5, rtol=1e-5)
+    # config rebuilds the architecture; the state dict then reproduces the model
+    rebuilt = clip.CLIP(**model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_features_before_proj(rebuilt, images), want, atol=1e-5, rtol=1e-5)
+
+
+def test_dino_matches_timm(tmp_path):
+    """timm's ViT uses DINO's names and layout: a second, independent reference."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=PATCH, embed_dim=W, depth=DEPTH, num_heads=HEADS,
+        num_classes=0).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save(ref.state_dict(), tmp_path / "timm.pth")
+    model = clip.create_model("tiny", vision_ln_pre=False, vision_ln_eps=1e-6, **DINO_VIT)
+    pretrained.load_dino_(model.visual, tmp_path / "timm.pth")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.forward_features(images)[:, 0]
+    torch.testing.assert_close(_features_before_proj(model, images), want, atol=1e-5, rtol=1e-5)
+
+
+def test_dino_resized_positions_and_errors(tmp_path):
+    sd = dino_state_dict(grid=4)
+    torch.save(sd, tmp_path / "dino.pth")
+    model = pretrained.create_model("tiny", image=f"dino:{tmp_path / 'dino.pth'}",
+                                    **{**DINO_VIT, "image_resolution": 48})  # grid 6
+    pos = model.visual.positional_embedding
+    assert pos.shape == (37, W) and torch.equal(pos[0], sd["pos_embed"][0, 0])
+    constant = torch.ones(1, 17, W)  # bicubic resizing keeps a constant field constant
+    torch.testing.assert_close(pretrained._resize_positions(constant[0], 6), torch.ones(37, W))
+    assert model.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, 16)
+    plain = clip.create_model("tiny", **DINO_VIT)  # with ln_pre: DINO does not fit
+    assert "vision_ln_pre=False" in _message(pretrained.load_dino_, plain.visual,
+                                             tmp_path / "dino.pth")
+    assert "no such file" in _message(pretrained.create_model, "tiny",
+                                      image=f"dino:{tmp_path / 'missing.pth'}")
+    assert "expected one of dino:PATH" in _message(pretrained.create_model, "tiny",
+                                                   image="vit:x.pth")
+    msg = _message(pretrained.create_model, "tiny", image=f"dino:{tmp_path / 'dino.pth'}",
+                   **{**DINO_VIT, "vision_width": 64, "vision_heads": 4})
+    assert "do not fit this VisionTransformer" in msg and "shape mismatches" in msg
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+def test_torchvision_resnet_tower(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(ref.state_dict(), tmp_path / "resnet18-test.pth")
+    model = pretrained.create_model("RN50", image=f"tv-resnet18:{tmp_path / 'resnet18-test.pth'}",
+                                    image_resolution=64, embed_dim=16, **TEXT).eval()
+    assert model.config["image_tower"] == "tv-resnet18"
+    assert model.visual.resnet.fc.out_features == 16
+    ref.fc = model.visual.resnet.fc  # ours: the same network with a fresh fc to D
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), ref.eval()(images))
+    rebuilt = clip.CLIP(**model.config)  # e.g. clip.load_checkpoint of a trained model
+    rebuilt.load_state_dict(model.state_dict())
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "bad.pth")
+    assert "missing" in _message(pretrained.load_torchvision_resnet_, model.visual,
+                                 tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="patch_dropout"):
+        clip.create_model("RN50", image_tower="tv-resnet18", patch_dropout=0.5)
+
+
+# ----------------------------------------------------------------------------- BERT
+
+BW, BLAYERS, BHEADS, BVOCAB, BPOS = 32, 2, 2, 50, 40
+
+
+def bert_state_dict(seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g)
+
+    sd = {"bert.embeddings.word_embeddings.weight": randn(BVOCAB, BW),
+          "bert.embeddings.position_embeddings.weight": randn(BPOS, BW),
+          "bert.embeddings.token_type_embeddings.weight": randn(2, BW),
+          "bert.embeddings.LayerNorm.gamma": 1 + randn(BW, scale=0.1),  # TF-era names
+          "bert.embeddings.LayerNorm.beta": randn(BW, scale=0.1),
+          "bert.embeddings.position_ids": torch.arange(BPOS)[None],
+          "bert.pooler.dense.weight": randn(BW, BW), "bert.pooler.dense.bias": randn(BW),
+          "cls.predictions.bias": randn(BVOCAB)}
+    for i in range(BLAYERS):
+        p = f"bert.encoder.layer.{i}."
+        for name, (o, n) in [("attention.self.query", (BW, BW)), ("attention.self.key", (BW, BW)),
+                             ("attention.self.value", (BW, BW)),
+                             ("attention.output.dense", (BW, BW)),
+                             ("intermediate.dense", (4 * BW, BW)), ("output.dense", (BW, 4 * BW))]:
+            sd[p + name + ".weight"] = randn(o, n, scale=n ** -0.5)
+            sd[p + name + ".bias"] = randn(o, scale=0.1)
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            sd[p + name + ".weight"] = 1 + randn(BW, scale=0.1)
+            sd[p + name + ".bias"] = randn(BW, scale=0.1)
+    return sd
+
+
+def bert_reference(sd, ids):
+    """BERT written out: post-LN, erf GELU, padding keys (id 0) masked. -> (B, L, W)."""
+    def ln(x, w, b):
+        return F.layer_norm(x, (BW,), w, b, eps=1e-12)
+
+    def linear(x, name):
+        return F.linear(x, sd[name + ".weight"], sd[name + ".bias"])
+
+    e = "bert.embeddings."
+    B, L = ids.shape
+    x = (sd[e + "word_embeddings.weight"][ids] + sd[e + "position_embeddings.weight"][:L]
+         + sd[e + "token_type_embeddings.weight"][0])
+    x = ln(x, sd[e + "LayerNorm.gamma"], sd[e + "LayerNorm.beta"])
+    d = BW // BHEADS
+    for i in range(BLAYERS):
+        p = f"bert.encoder.layer.{i}."
+
+        def heads(t):
+            return t.view(B, L, BHEADS, d).transpose(1, 2)  # (B, H, L, d)
+
+        q, k, v = (heads(linear(x, p + "attention.self." + n)) for n in ("query", "key", "value"))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+        scores = scores.masked_fill((ids == 0)[:, None, None, :], float("-inf"))
+        ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, BW)
+        a = p + "attention.output."
+        x = ln(x + linear(ctx, a + "dense"), sd[a + "LayerNorm.weight"], sd[a + "LayerNorm.bias"])
+        h = F.gelu(linear(x, p + "intermediate.dense"))
+        x = ln(x + linear(h, p + "output.dense"),
+               sd[p + "output.LayerNorm.weight"], sd[p + "output.LayerNorm.bias"])
+    return x
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    torch.save(bert_state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"num_attention_heads": BHEADS, "hidden_act": "gelu", "intermediate_size": 4 * BW}))
+    (tmp_path / "vocab.txt").write_text("".join(f"{t}\n" for t in VOCAB))
+    return tmp_path
+
+
+def bert_ids():
+    ids = torch.tensor([[2, 7, 8, 9, 10, 3, 0, 0, 0, 0],
+                        [2, 11, 12, 3, 0, 0, 0, 0, 0, 0]])
+    return ids
+
+
+def test_bert_matches_reference(bert_dir):
+    model = pretrained.create_model("tiny", text=f"bert:{bert_dir}", context_length=12,
+                                    eot_id=3)
+    assert model.config["text_tower"] == "bert" and model.vocab_size == BVOCAB
+    assert not hasattr(model, "token_embedding") and not hasattr(model, "transformer")
+    ids = bert_ids()
+    want = bert_reference(bert_state_dict(), ids)
+    with torch.no_grad():
+        z, tokens = model.encode_text(ids, return_tokens=True)
+    real = ids != 0
+    torch.testing.assert_close(tokens[real], want[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, want[:, 0] @ model.text_projection, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # padding changes nothing; the tower is bidirectional
+        longer = torch.cat([ids, torch.zeros(2, 2, dtype=torch.long)], dim=1)
+        torch.testing.assert_close(model.encode_text(longer), z, atol=1e-6, rtol=1e-5)
+        changed = ids.clone()
+        changed[0, 4] = 20
+        assert not torch.allclose(model.encode_text(changed)[0], z[0], atol=1e-4)
+    rebuilt = clip.CLIP(**model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    assert "positions BERT was trained with" in _message(
+        pretrained.create_model, "tiny", text=f"bert:{bert_dir}", context_length=77)
+    assert "no BERT weights" in _message(bert.load_hf_bert, bert_dir / "nothing")
+
+
+def test_read_safetensors_matches_library(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    sd = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).half()}
+    safetensors.save_file(sd, tmp_path / "model.safetensors")
+    got = bert.read_safetensors(tmp_path / "model.safetensors")
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+# ----------------------------------------------------------------------------- WordPiece
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",  # 0-4
+         "a", "photo", "of", "the", "cat",               # 5-9
+         "un", "##aff", "##able", "play", "##ing",       # 10-14
+         ",", ".", "!", "cafe", "你",                     # 15-19
+         "好", "##s", "dog", "'", "##a"]                  # 20-24
+
+
+def test_wordpiece_hand_worked():
+    tok = bert.WordPieceTokenizer(VOCAB)
+    assert (tok.pad_id, tok.unk_id, tok.sot_id, tok.eot_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.vocab_size == 25
+    cases = {
+        "A photo of the cat.": [5, 6, 7, 8, 9, 16],
+        "unaffable": [10, 11, 12],                     # ## pieces, longest match first
+        "Playing!": [13, 14, 17],
+        "cats,dog": [9, 21, 15, 22],                   # punctuation split off inside a word
+        "Café": [18],                                  # lower-cased, accent stripped
+        "你好cat": [19, 20, 9],                        # CJK characters are words of their own
+        "playx the": [1, 8],                           # not fully covered: the whole word is UNK
+        "xyz": [1],
+        "the\tcat\x00\u200b 's": [8, 9, 23, 1],        # controls dropped, tab is a space
+        "a" * 100: [5] + [24] * 99,
+        "a" * 101: [1],                                # longer than 100 characters
+        "": [],
+    }
+    for text, ids in cases.items():
+        assert tok.encode(text) == ids, text
+    assert tok.decode([2, 10, 11, 12, 13, 14, 4, 3, 9, 0]) == "unaffable playing"
+    cased = bert.WordPieceTokenizer(VOCAB + ["Cat"], lower_case=False)
+    assert cased.encode("Cat cat Café") == [25, 9, 1]
+
+
+def test_wordpiece_batch_and_files(tmp_path):
+    tok = bert.WordPieceTokenizer(VOCAB)
+    ids = tok(["a photo of the cat.", "unaffable"], context_length=8)
+    assert ids.tolist() == [[2, 5, 6, 7, 8, 9, 16, 3], [2, 10, 11, 12, 3, 0, 0, 0]]
+    assert tok("a photo of the cat.", context_length=6).tolist() == [[2, 5, 6, 7, 8, 3]]
+    tok.save(tmp_path / "vocab.txt")
+    again = bert.WordPieceTokenizer.from_vocab(tmp_path / "vocab.txt")
+    assert again.vocab == VOCAB and again.lower_case
+    (tmp_path / "cased.txt").write_text("".join(f"{t}\n" for t in VOCAB + ["Cat"]))
+    assert not bert.WordPieceTokenizer.from_vocab(tmp_path / "cased.txt").lower_case
+    (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+    assert not bert.WordPieceTokenizer.from_pretrained(tmp_path).lower_case
+    assert "no such vocabulary file" in _message(bert.WordPieceTokenizer.from_vocab,
+                                                 tmp_path / "missing.txt")
+    assert "[MASK]" in _message(bert.WordPieceTokenizer, VOCAB[:4])
+
+
+# ----------------------------------------------------------------------------- lock, groups
+
+def _small_resnet_clip():
+    return clip.CLIP(embed_dim=16, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
+                     vision_patch_size=None, **TEXT)
+
+
+def test_lock_tower_freezes_body_and_batchnorm():
+    model = _small_resnet_clip()
+    pretrained.lock_tower(model, "image")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith("visual.") and not n.startswith("visual.attnpool.c_proj.")}
+    pretrained.train_mode(model)
+    assert model.training and model.transformer.training
+    assert not model.visual.bn1.training and not model.visual.layer1[0].bn3.training
+    before = model.visual.bn1.running_mean.clone()
+    z_img, z_txt, scale = model(torch.randn(2, 3, 64, 64), torch.randint(1, 99, (2, 16)))
+    (scale * z_img @ z_txt.T).logsumexp(1).mean().backward()
+    assert torch.equal(model.visual.bn1.running_mean, before)  # statistics frozen
+    assert model.visual.conv1.weight.grad is None
+    assert model.visual.attnpool.c_proj.weight.grad is not None
+    text = _small_resnet_clip()
+    pretrained.lock_tower(text, "text", keep_proj=False)
+    frozen = {n for n, p in text.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in text.named_parameters()
+                      if not n.startswith("visual.") and n != "logit_scale"}
+
+
+def test_param_groups():
+    class Wrapper(nn.Module):  # like DeCLIP: a CLIP plus heads of its own
+        def __init__(self):
+            super().__init__()
+            self.clip = clip.create_model("tiny", **TEXT)
+            self.head = nn.Linear(16, 8)
+
+    model = Wrapper()
+    model.clip.visual.conv1.weight.requires_grad_(False)
+    groups = pretrained.param_groups(model, lr=1e-3, wd=0.1, image_lr=1e-4, text_lr=1e-5)
+    where = {id(p): g for g in groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(where) == len(trainable) == sum(len(g["params"]) for g in groups)
+    c = model.clip
+
+    def group(p):
+        g = where[id(p)]
+        return g["name"], g["lr"], g["weight_decay"]
+
+    assert id(c.visual.conv1.weight) not in where  # frozen: left out
+    assert group(c.visual.transformer.resblocks[0].mlp.c_fc.weight) == ("image/decay", 1e-4, 0.1)
+    assert group(c.visual.class_embedding) == ("image/no_decay", 1e-4, 0.0)
+    assert group(c.visual.ln_pre.weight) == ("image/no_decay", 1e-4, 0.0)
+    assert group(c.visual.proj) == ("other/decay", 1e-3, 0.1)  # projections: base lr
+    assert group(c.token_embedding.weight) == ("text/decay", 1e-5, 0.1)
+    assert group(c.transformer.resblocks[0].attn.in_proj_bias) == ("text/no_decay", 1e-5, 0.0)
+    assert group(c.positional_embedding) == ("text/decay", 1e-5, 0.1)
+    assert group(c.text_projection) == ("other/decay", 1e-3, 0.1)
+    assert group(c.logit_scale) == ("other/no_decay", 1e-3, 0.0)
+    assert group(model.head.weight) == ("other/decay", 1e-3, 0.1)
+    assert group(model.head.bias) == ("other/no_decay", 1e-3, 0.0)
+    assert all(g["base_lr"] == g["lr"] for g in groups)
+    torch.optim.AdamW(groups, lr=1e-3)  # a valid optimizer specification
+    bert_model = clip.create_model("tiny", text_tower="bert", **{**TEXT, "vocab_size": BVOCAB})
+    groups = pretrained.param_groups(bert_model, lr=1e-3, wd=0.1, text_lr=1e-5)
+    ln = bert_model.bert.encoder.layer[0].output.LayerNorm.weight
+    assert any(ln is p for g in groups if g["name"] == "text/no_decay" for p in g["params"])

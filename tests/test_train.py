@@ -1,0 +1,140 @@
+"""train.py end to end: exact resume, torchrun with a killed worker, non-finite steps, errors.
+
+Runs are tiny (tiny model, batch 8, a handful of steps) so the file takes well under a minute.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--batch-size", "8", "--eval-size", "20", "--workers", "0", "--warmup", "2",
+        "--log-every", "1", "--queue-size", "64"]
+
+
+def run_script(args, launcher=(sys.executable,), check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([*launcher, os.path.join(REPO, "train.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu",
+                      weights_only=False)
+
+
+def assert_identical(ckpt_a, ckpt_b):
+    assert ckpt_a["step"] == ckpt_b["step"]
+    sd_a, sd_b = ckpt_a["model"], ckpt_b["model"]
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), f"{k} differs"
+    state_a, state_b = ckpt_a["optimizer"]["state"], ckpt_b["optimizer"]["state"]
+    for i in state_a:
+        assert torch.equal(state_a[i]["exp_avg"], state_b[i]["exp_avg"])
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Killed at step 3 (checkpoint at 2) and resumed == uninterrupted, bit for bit (CPU, fp32)."""
+    common = TINY + ["--steps", "5", "--save-every", "2"]
+    run_script(common + ["--output", str(tmp_path / "a")])
+    crashed = run_script(common + ["--output", str(tmp_path / "b"), "--crash-at-step", "3"],
+                         check=False)
+    assert crashed.returncode == 13, crashed.stderr[-2000:]
+    assert weights(tmp_path / "b")["step"] == 2
+    resumed = run_script(common + ["--output", str(tmp_path / "b"), "--resume", "auto"])
+    assert "resumed at step 2" in resumed.stdout
+    assert_identical(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    # the queue travelled with the checkpoint
+    assert int(weights(tmp_path / "b")["model"]["queue.filled"]) == 5 * 8
+
+
+def test_torchrun_two_workers_survive_a_killed_worker(tmp_path):
+    """torchrun --max-restarts=1: rank 1 dies at step 3, the group restarts from the step-2
+    checkpoint with --resume auto, and ends exactly where an uninterrupted 2-process run ends."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--max-restarts=1", "--standalone")
+    common = TINY + ["--steps", "4", "--save-every", "2", "--resume", "auto"]
+    run_script(common + ["--output", str(tmp_path / "a")], launcher)
+    faulty = run_script(common + ["--output", str(tmp_path / "b"), "--crash-at-step", "3"],
+                        launcher)
+    assert os.path.exists(tmp_path / "b" / ".crashed-1")
+    assert "resumed at step 2" in faulty.stdout
+    assert "zero-shot top-1" in faulty.stdout
+    assert_identical(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    import declip
+    forward = declip.DeCLIP.forward
+
+    def nan_forward(self, *a, **k):
+        loss, terms = forward(self, *a, **k)
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(declip.DeCLIP, "forward", nan_forward)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="non-finite steps in a row"):
+        train.main(TINY + ["--steps", "10", "--save-every", "2", "--max-bad-steps", "3",
+                           "--output", str(out)])
+    ckpt = weights(out)  # written before the abort: skipped steps leave the weights untouched
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_clip_method_trains_and_evaluates(tmp_path):
+    result = train.main(TINY + ["--method", "clip", "--steps", "3", "--output", str(tmp_path)])
+    assert set(result) >= {"top1", "top5"} and 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    ckpt = weights(tmp_path)
+    assert ckpt["step"] == 3 and ckpt["merges"] is not None
+    assert not any(k.startswith(("projector", "queue", "mlm_head")) for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "cc3m", "--data-root", "/nonexistent"], "img2dataset"),
+    (["--resume", "/nonexistent/ckpt.pt"], "no such file"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    (["--patch-dropout", "1.5"], None),
+    (["--batch-size", "0"], None),
+])
+def test_bad_input_gives_one_line_errors(tmp_path, argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--steps", "1", "--output", str(tmp_path)] + argv)
+    if message is not None:
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_refuses_broken_or_foreign_checkpoints(tmp_path):
+    train.main(TINY + ["--method", "clip", "--steps", "1", "--output", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="exists: pass --resume auto"):  # never overwritten
+        train.main(TINY + ["--steps", "1", "--output", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="another architecture"):
+        train.main(TINY + ["--method", "clip", "--steps", "2", "--patch-dropout", "0.5",
+                           "--output", str(tmp_path / "a"), "--resume", "auto"])
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="unreadable checkpoint"):
+        train.main(TINY + ["--steps", "1", "--output", str(tmp_path / "c"),
+                           "--resume", str(broken)])
+
+
+def test_lr_schedule():
+    lrs = [train.lr_at(s, total=100, warmup=10, base_lr=1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_sampler_resumes_mid_epoch_and_splits_ranks():
+    full = list(train.EpochSampler(50, 4, rank=0, world=2, seed=1))
+    other = list(train.EpochSampler(50, 4, rank=1, world=2, seed=1))
+    assert len(full) == len(other) == 6 * 4 and not set(full) & set(other)
+    late = train.EpochSampler(50, 4, rank=0, world=2, seed=1)
+    late.set_epoch(0, start_batch=2)
+    assert list(late) == full[8:]
