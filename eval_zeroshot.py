@@ -219,18 +219,27 @@ def evaluate_builtin(model, tokenizer, n=1000, image_size=None, batch_size=100, 
 
 # ----------------------------------------------------------------------- checkpoints and datasets
 
-def saved_merges(path):
-    """The BPE merges stored in one of our checkpoints, or None (OpenAI / OpenCLIP: OpenAI's BPE).
+def saved_tokenizer(path):
+    """The tokenizer stored in one of our checkpoints: BPE merges, BERT's WordPiece vocabulary, or
+    neither (OpenAI / OpenCLIP checkpoints, and ours trained with OpenAI's BPE) -> OpenAI's BPE.
 
     mmap=True reads the small pickle without pulling the weights into memory (zip format only).
     """
+    from tokenizer import Tokenizer  # lazy: sibling modules of this project
+
+    ckpt = {}
     for mmap in (True, False):
         try:
             ckpt = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-            return ckpt.get("merges") if isinstance(ckpt, dict) else None
+            break
         except Exception:  # not loadable this way; OpenAI's TorchScript archives fail both ways
             continue
-    return None
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    if ckpt.get("wordpiece"):
+        from bert import WordPieceTokenizer
+        return WordPieceTokenizer(ckpt["wordpiece"]["vocab"], ckpt["wordpiece"]["lower_case"])
+    merges = ckpt.get("merges")
+    return Tokenizer.openai() if merges is None else Tokenizer(merges)  # "a b" strings
 
 
 def load_model_and_tokenizer(path, device="cpu"):
@@ -239,12 +248,9 @@ def load_model_and_tokenizer(path, device="cpu"):
         raise FileNotFoundError(f"--checkpoint {path}: no such file (train one with train.py or "
                                 f"pass an OpenAI / OpenCLIP .pt file)")
     import clip  # lazy: sibling modules of this project
-    from tokenizer import Tokenizer
 
     model = clip.load_checkpoint(path).to(device).eval()
-    merges = saved_merges(path)
-    tokenizer = Tokenizer.openai() if merges is None else Tokenizer(merges)  # "a b" strings
-    return model, tokenizer
+    return model, saved_tokenizer(path)
 
 
 def torchvision_dataset(name, root, hint=None, **kwargs):

@@ -32,10 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import eda
-from clip import create_model
 from declip import DeCLIP
 from eval_zeroshot import evaluate_builtin
+from bert import WordPieceTokenizer
 from losses import clamp_logit_scale_
+from pretrained import create_model, lock_tower, param_groups, train_mode
 from tokenizer import Tokenizer
 
 # Settings of the papers, one flag each. Flags given on the command line override them.
@@ -70,6 +71,13 @@ def get_args(argv=None):
     p.add_argument("--model", default="tiny", help="tiny, RN50, RN101, ViT-B-32, ViT-B-16, ViT-S-16")
     p.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: fraction of patches dropped")
     p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
+    p.add_argument("--tome-r", type=int, default=0, help="ToMe: tokens merged per ViT block")
+    p.add_argument("--pretrained-image", default=None, help="dino:FILE or tv-resnet50:FILE")
+    p.add_argument("--pretrained-text", default=None, help="bert:DIR (weights + vocab.txt)")
+    p.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower body")
+    p.add_argument("--lock-text", action="store_true", help="freeze the text tower body")
+    p.add_argument("--image-lr", type=float, default=None, help="image tower lr (default --lr)")
+    p.add_argument("--text-lr", type=float, default=None, help="text tower lr (default --lr)")
     # data
     p.add_argument("--data", default="builtin", help="builtin, a csv/tsv file, or a folder under --data-root")
     p.add_argument("--data-root", default="data")
@@ -180,6 +188,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def build_tokenizer(args, base, checkpoint):
     """Returns (tokenizer, merges to store in checkpoints: None stands for OpenAI's vocabulary)."""
+    if args.pretrained_text:  # BERT brings its own WordPiece vocabulary (stored as "wordpiece")
+        path = args.pretrained_text.split(":", 1)[-1]
+        vocab = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "vocab.txt")
+        try:
+            return WordPieceTokenizer.from_vocab(vocab), None
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--pretrained-text: {e}") from None
     if checkpoint is not None:  # resume: the vocabulary travels with the weights
         merges = checkpoint.get("merges")
         if merges is None:
@@ -215,18 +230,6 @@ def build_loader(args, base, tokenizer, image_size, rank, world):
 
 
 # ----------------------------------------------------------------------------- optimisation
-
-def build_optimizer(model, args):
-    """AdamW; no weight decay on norms, biases, embeddings' 1-d vectors and the logit scale/bias."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "bn" in name or "ln" in name or "logit_" in name or name.endswith("bias")
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6)
-
 
 def lr_at(step, total, warmup, base_lr):
     """Linear warm-up to base_lr, then cosine decay to 0."""
@@ -287,11 +290,15 @@ def main(argv=None):
 
     # model
     overrides = dict(vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
-                     patch_dropout=args.patch_dropout)
+                     patch_dropout=args.patch_dropout, tome_r=args.tome_r)
     if args.image_size:
         overrides["image_resolution"] = args.image_size
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    clip = create_model(args.model, **overrides)
+    try:
+        clip = create_model(args.model, image=args.pretrained_image, text=args.pretrained_text,
+                            **overrides)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--model/--pretrained-*: {e}") from None
     if checkpoint is not None and checkpoint["model_config"] != clip.config:
         raise SystemExit(f"--resume: the checkpoint holds another architecture "
                          f"({checkpoint['args'].get('model')}); use the same --model and flags")
@@ -299,11 +306,16 @@ def main(argv=None):
     image_size = clip.config["image_resolution"]
     model = DeCLIP(clip, alpha=args.alpha, beta=args.beta, gamma=args.gamma, mvs=args.mvs,
                    ss=args.ss, nns=args.nns, loss=args.loss, queue_size=args.queue_size,
-                   mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size).to(device)
+                   mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                   sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id).to(device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    for side in ("image", "text"):
+        if getattr(args, f"lock_{side}"):
+            lock_tower(model, side)
+    if world > 1 and device.type == "cuda":  # a ResNet tower's BatchNorm sees the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world > 1:
-        model = nn_sync_bn(model)
         # broadcast_buffers=False: the NN queue is identical on every rank by construction (it is
         # fed the gathered batch) and SimSiam's BatchNorm is synchronised, so there is nothing
         # to broadcast, and broadcasting a 64K x D queue every step would cost real time.
@@ -317,7 +329,9 @@ def main(argv=None):
     dataset, sampler, loader = build_loader(args, base, tokenizer, image_size, rank, world)
     steps_per_epoch = sampler.batches_per_epoch
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
-    optimizer = build_optimizer(model, args)
+    # AdamW; no decay on norms, biases, logit scale/bias; per-tower peak lr (pretrained.py)
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr),
+                                  lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, foreach=True)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
     step = 0
     if checkpoint is not None:
@@ -339,7 +353,8 @@ def main(argv=None):
 
     def checkpoint_state():
         return {"state_dict": model.clip.state_dict(), "model_config": model.clip.config,
-                "merges": merges,
+                "merges": merges, "wordpiece": None if not isinstance(tokenizer, WordPieceTokenizer)
+                else {"vocab": tokenizer.vocab, "lower_case": tokenizer.lower_case},
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
                 "batch_in_epoch": step % steps_per_epoch, "args": vars(args)}
@@ -350,7 +365,7 @@ def main(argv=None):
         progress = tqdm(total=total, initial=step, dynamic_ncols=True, disable=None)
     bad_in_a_row, n_bad, n_skipped = 0, 0, 0
     sums, t_log, n_log = {}, time.time(), 0
-    model.train()
+    train_mode(model)  # model.train(), but locked BatchNorms stay frozen
     while step < total:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch)
@@ -365,7 +380,7 @@ def main(argv=None):
             seed_step(args.seed, rank, step)
             lr = lr_at(step, total, args.warmup, args.lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr_at(step, total, args.warmup, group["base_lr"])
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in batch.items()}
             with autocast:
@@ -412,6 +427,7 @@ def main(argv=None):
                 progress.update(1)
             if args.eval_every and step % args.eval_every == 0 and step < total:
                 evaluate(model.clip, tokenizer, args, device, rank, world, step, log)
+                train_mode(model)
             if step % args.save_every == 0 or step == total:
                 if is_main:
                     save_checkpoint(os.path.join(args.output, "checkpoint.pt"), checkpoint_state())
@@ -426,6 +442,8 @@ def main(argv=None):
                 break
     if is_main:
         progress.close()
+    if world > 1:
+        assert_replicas_agree(model)
     result = evaluate(model.clip, tokenizer, args, device, rank, world, step, log)
     if is_main:
         log.close()
@@ -436,9 +454,13 @@ def main(argv=None):
     return result
 
 
-def nn_sync_bn(model):
-    """SimSiam's BatchNorm must see the global batch for DDP to equal one process (declip.py)."""
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def assert_replicas_agree(model):
+    """Every rank must hold the same weights after training (DDP's promise); checked once, cheaply."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])  # (P,)
+    gathered = [torch.empty_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise SystemExit("the ranks' weights diverged: DDP did not synchronise the gradients")
 
 
 def evaluate(clip, tokenizer, args, device, rank, world, step, log):
