@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 import eda
 from declip import DeCLIP
-from eval_zeroshot import evaluate_builtin
+import eval_zeroshot
 from bert import WordPieceTokenizer
 from losses import clamp_logit_scale_
 from pretrained import create_model, lock_tower, param_groups, train_mode
@@ -41,22 +41,23 @@ from tokenizer import Tokenizer
 
 # Settings of the papers, one flag each. Flags given on the command line override them.
 PRESETS = {
-    # DeCLIP's CC3M ablation (Table 4): RN50, global batch 1024 (128 x 8 GPUs), 32 epochs; optimiser as in
-    # the official code (SPEC 3b): AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up steps.
+    # DeCLIP's CC3M ablation (Table 4): RN50, global batch 1024 (128 x 8 GPUs), 32 epochs; the
+    # optimiser of the official code (SPEC 3b): AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up.
     "declip-cc3m": dict(model="RN50", data="cc3m", method="declip", batch_size=128, epochs=32,
-                        lr=1e-3, wd=0.1, warmup=2500, queue_size=65536),
+                        lr=1e-3, wd=0.1, warmup=2500, queue_size=65536, zeroshot="imagenet"),
     "clip-cc3m": dict(model="RN50", data="cc3m", method="clip", batch_size=128, epochs=32,
-                      lr=1e-3, wd=0.1, warmup=2500),
+                      lr=1e-3, wd=0.1, warmup=2500, zeroshot="imagenet"),
     # The medium-scale study: ViT-S/16, global batch 2048 (256 x 8), 24 epochs, 2,000 warm-up steps.
     "study-vits-cc3m": dict(model="ViT-S-16", data="cc3m", method="clip", batch_size=256, epochs=24,
-                            lr=1e-3, wd=0.1, warmup=2000, queue_size=65536),
+                            lr=1e-3, wd=0.1, warmup=2000, queue_size=65536, zeroshot="imagenet"),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a paper setting; other flags override it")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a paper setting; other flags override it (--data cc3m implies declip-cc3m)")
     # what to train
     p.add_argument("--method", choices=["clip", "declip"], default="declip")
     p.add_argument("--no-mvs", dest="mvs", action="store_false", help="DeCLIP without multi-view")
@@ -88,10 +89,11 @@ def get_args(argv=None):
                    help="openai, train (learn BPE on the training captions), or a merges file; "
                         "auto = train for builtin data, openai otherwise")
     p.add_argument("--vocab-size", type=int, default=768, help="for --tokenizer train")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=min(8, (os.cpu_count() or 2) // 2),
+                   help="data-loading processes per rank")
     # optimisation
     p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--steps", type=int, default=600, help="total steps (overrides --epochs)")
+    p.add_argument("--steps", type=int, default=400, help="total steps (overrides --epochs)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.1)
@@ -105,20 +107,27 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available")
     # bookkeeping
-    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--output", default=None, help="default: runs/<preset> or runs/demo")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output) or a path")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval every N steps (0: end only)")
     p.add_argument("--eval-size", type=int, default=1000, help="built-in eval images")
+    p.add_argument("--zeroshot", default="builtin", choices=["builtin", "imagenet", "cifar10",
+                   "cifar100"], help="zero-shot eval set (eval_zeroshot.py has more)")
+    p.add_argument("--zeroshot-root", default="data/imagenet", help="its folder, if not builtin")
     p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests only
 
     args = p.parse_args(argv)
+    if args.preset is None and args.data == "cc3m":  # `train.py --data cc3m` is the paper's run
+        args.preset = "declip-cc3m"
+        argv = [*(sys.argv[1:] if argv is None else argv), "--preset", "declip-cc3m"]
     if args.preset:  # preset values become defaults; flags given explicitly still win
         p.set_defaults(**PRESETS[args.preset])
         if "epochs" in PRESETS[args.preset]:
             p.set_defaults(steps=None)
         args = p.parse_args(argv)
+    args.output = args.output or os.path.join("runs", args.preset or "demo")
     if args.method == "clip":
         args.mvs = args.ss = args.nns = False
     if args.steps is None and args.epochs is None:
@@ -327,6 +336,7 @@ def main(argv=None):
         ddp = model
 
     dataset, sampler, loader = build_loader(args, base, tokenizer, image_size, rank, world)
+    zeroshot = zeroshot_set(args, image_size) if is_main else None
     steps_per_epoch = sampler.batches_per_epoch
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     # AdamW; no decay on norms, biases, logit scale/bias; per-tower peak lr (pretrained.py)
@@ -366,6 +376,7 @@ def main(argv=None):
     bad_in_a_row, n_bad, n_skipped = 0, 0, 0
     sums, t_log, n_log = {}, time.time(), 0
     train_mode(model)  # model.train(), but locked BatchNorms stay frozen
+    first_step, t_start = step, time.time()
     while step < total:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch)
@@ -426,7 +437,7 @@ def main(argv=None):
             if is_main:
                 progress.update(1)
             if args.eval_every and step % args.eval_every == 0 and step < total:
-                evaluate(model.clip, tokenizer, args, device, rank, world, step, log)
+                evaluate(model.clip, tokenizer, args, device, rank, world, step, log, zeroshot)
                 train_mode(model)
             if step % args.save_every == 0 or step == total:
                 if is_main:
@@ -440,15 +451,21 @@ def main(argv=None):
                     os._exit(13)  # simulate a worker killed mid-run (fault-tolerance test)
             if step >= total:
                 break
+    train_seconds = time.time() - t_start
     if is_main:
         progress.close()
     if world > 1:
         assert_replicas_agree(model)
-    result = evaluate(model.clip, tokenizer, args, device, rank, world, step, log)
+    result = evaluate(model.clip, tokenizer, args, device, rank, world, step, log, zeroshot)
     if is_main:
+        result["samples_per_s"] = (step - first_step) * args.batch_size * world / train_seconds
+        result["train_seconds"] = train_seconds
+        log.write(json.dumps({"step": step, "final": result}) + "\n")
         log.close()
+        where = (f"the built-in eval split ({args.eval_size} images)" if zeroshot is None
+                 else f"{args.zeroshot} ({result['n']} images)")
         print(f"zero-shot top-1 {100 * result['top1']:.1f}%  top-5 {100 * result['top5']:.1f}%  "
-              f"on the built-in eval split ({args.eval_size} images) after {step} steps")
+              f"on {where} after {step} steps ({result['samples_per_s']:.0f} samples/s)")
     if world > 1:
         dist.destroy_process_group()
     return result
@@ -463,11 +480,30 @@ def assert_replicas_agree(model):
         raise SystemExit("the ranks' weights diverged: DDP did not synchronise the gradients")
 
 
-def evaluate(clip, tokenizer, args, device, rank, world, step, log):
-    """Zero-shot top-1/top-5 on the built-in eval split, on rank 0; the others wait."""
+def zeroshot_set(args, image_size):
+    """(loader, class names, templates) of --zeroshot, read at start so a bad path fails early."""
+    if args.zeroshot == "builtin":
+        return None
+    from torchvision import transforms
+    try:
+        transform = transforms.Compose([eval_zeroshot.to_rgb, data.eval_transform(image_size)])
+        ds, classnames, key = eval_zeroshot.zero_shot_dataset(args.zeroshot, args.zeroshot_root,
+                                                              transform)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"--zeroshot {args.zeroshot} --zeroshot-root {args.zeroshot_root}: "
+                         f"{e} (or pass --zeroshot builtin)") from None
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=args.workers)
+    return loader, classnames, eval_zeroshot.read_list(key, "templates")
+
+
+def evaluate(clip, tokenizer, args, device, rank, world, step, log, zeroshot=None):
+    """Zero-shot top-1/top-5 (built-in eval split or --zeroshot), on rank 0; the others wait."""
     result = {}
-    if rank == 0:
-        result = evaluate_builtin(clip, tokenizer, n=args.eval_size, device=device, seed=args.seed)
+    if rank == 0 and zeroshot is not None:
+        result = eval_zeroshot.zero_shot_eval(clip, tokenizer, *zeroshot, device=device)
+    elif rank == 0:
+        result = eval_zeroshot.evaluate_builtin(clip, tokenizer, n=args.eval_size, device=device,
+                                                seed=args.seed)
         if log is not None:
             log.write(json.dumps({"step": step, "zeroshot": result}) + "\n")
             log.flush()
