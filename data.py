@@ -48,6 +48,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PREPARE_CC3M = ("img2dataset --url_list cc3m.tsv --input_format tsv --url_col url "
                 "--caption_col caption --output_format webdataset --output_folder data/cc3m "
                 "--image_size 256 --processes_count 16")
+MAX_SUBSTITUTES = 100  # unusable samples in a row before ImageText gives up
 MAX_WARNINGS = 5  # per dataset copy (i.e. per worker): name the first few bad files, count the rest
 
 
@@ -476,13 +477,25 @@ class ImageText(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        """-> {"image": (3, H, W), ["image_aug": (3, H, W)], "text": str, ["text_aug": str]}
-        or None when the base sample is unusable."""
-        item = self.base[i]
-        if item is None:
-            return None
+        """-> {"image": (3, H, W), ["image_aug": (3, H, W)], "text": str, ["text_aug": str],
+        "n_skipped": int}.
+
+        An unusable base sample (corrupt image, empty caption) is replaced by another one chosen
+        from (seed, epoch, index), and counted in n_skipped: every batch keeps its size, which
+        the all-gather of the global batch under DDP needs, and the step -> batch mapping that
+        exact resume relies on stays fixed.
+        """
+        n_skipped, j = 0, int(i)
+        item = self.base[j]
+        while item is None:
+            n_skipped += 1
+            if n_skipped > MAX_SUBSTITUTES:
+                raise RuntimeError(f"{MAX_SUBSTITUTES} unusable samples in a row near index {i}: "
+                                   f"check the data (see the warnings above)")
+            j = _sample_seed(self.seed, self.epoch, int(i), n_skipped) % len(self.base)
+            item = self.base[j]
         image, text = item
-        seed = _sample_seed(self.seed, self.epoch, int(i))
+        seed = _sample_seed(self.seed, self.epoch, j)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators stay as they are
             out = {"image": self.transform(image)}
@@ -491,21 +504,18 @@ class ImageText(torch.utils.data.Dataset):
         out["text"] = text
         if self.text_aug is not None:
             out["text_aug"] = self.text_aug(text, random.Random(seed))
+        out["n_skipped"] = n_skipped
         return out
 
 
 def collate(batch, tokenizer, context_length=77):
-    """Stack the images and tokenise the texts (runs in the DataLoader worker); drops skipped
-    samples. -> {"image": (B, 3, H, W), ["image_aug"], "ids": (B, L), ["ids_aug"], "n_skipped"};
-    a batch whose samples were all skipped holds only "n_skipped"."""
-    kept = [b for b in batch if b is not None]
-    out = {"n_skipped": torch.tensor(len(batch) - len(kept))}
-    if not kept:
-        return out
-    out["image"] = torch.stack([b["image"] for b in kept])  # (B, 3, H, W)
-    if "image_aug" in kept[0]:
-        out["image_aug"] = torch.stack([b["image_aug"] for b in kept])
-    out["ids"] = tokenizer([b["text"] for b in kept], context_length=context_length)  # (B, L)
-    if "text_aug" in kept[0]:
-        out["ids_aug"] = tokenizer([b["text_aug"] for b in kept], context_length=context_length)
+    """Stack the images and tokenise the texts (runs in the DataLoader worker).
+    -> {"image": (B, 3, H, W), ["image_aug"], "ids": (B, L), ["ids_aug"], "n_skipped": int}"""
+    out = {"n_skipped": sum(b["n_skipped"] for b in batch)}
+    out["image"] = torch.stack([b["image"] for b in batch])  # (B, 3, H, W)
+    if "image_aug" in batch[0]:
+        out["image_aug"] = torch.stack([b["image_aug"] for b in batch])
+    out["ids"] = tokenizer([b["text"] for b in batch], context_length=context_length)  # (B, L)
+    if "text_aug" in batch[0]:
+        out["ids_aug"] = tokenizer([b["text_aug"] for b in batch], context_length=context_length)
     return out

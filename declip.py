@@ -196,6 +196,13 @@ class DeCLIP(nn.Module):
             with torch.no_grad():
                 clip.logit_scale.fill_(SIGLIP_LOGIT_SCALE_INIT)
 
+    @torch.no_grad()
+    def push_queue(self):
+        """Append the last training batch's all-gathered text features to the NN queue."""
+        if getattr(self, "pending", None) is not None:
+            self.queue.push(self.pending)
+            self.pending = None
+
     def contrast(self, z_img, z_txt, logit_scale):
         """The image-text loss of every contrastive term: InfoNCE (Eq. 1) or SigLIP."""
         if self.loss == "siglip":
@@ -211,12 +218,15 @@ class DeCLIP(nn.Module):
         where = labels != -100                                             # (B, L)
         return self.mlm_head(tokens[where]), labels[where]                 # (M, V), (M,)
 
-    def forward(self, img_view1, img_view2, ids, ids_aug, masked=None):
+    def forward(self, img_view1, img_view2, ids, ids_aug, masked=None, push=True):
         """img_view1/2: (B, 3, H, W) two views; ids/ids_aug: (B, L) original and EDA captions.
 
         img_view2 / ids_aug may be None when no switch needs them (mvs and ss off / mvs off).
         masked: optional (ids_masked, labels) from mask_tokens, e.g. for reproducible tests;
         otherwise ids are masked here with the global RNG.
+        push: push this batch's gathered z_txt to the queue now; train.py passes False and calls
+        `push_queue()` only after a step whose gradients were finite, so a skipped step never
+        leaves its (possibly non-finite) features in the queue.
         Returns (loss, terms): terms holds detached scalars "clip", "iss", "tss", "mvs", "nns",
         "total" (0 for switched-off terms). In training mode the queue is pushed afterwards.
         """
@@ -280,8 +290,9 @@ class DeCLIP(nn.Module):
             loss = loss + self.gamma * terms["nns"]
 
         if self.nns and self.training:
-            with torch.no_grad():
-                self.queue.push(all_gather_with_grad(z_txt.detach()))             # (N, D)
+            self.pending = all_gather_with_grad(z_txt.detach())                 # (N, D)
+            if push:
+                self.push_queue()
         terms["total"] = loss
         return loss, {k: terms.get(k, zero).detach() for k in
                       ("clip", "iss", "tss", "mvs", "nns", "total")}

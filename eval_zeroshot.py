@@ -138,9 +138,11 @@ def zero_shot_classifier(model, tokenizer, classnames, templates, device="cpu", 
         raise ValueError("zero_shot_classifier needs at least one class name and one template")
     context_length = context_length or context_length_of(model)
     n_vocab = getattr(getattr(model, "token_embedding", None), "num_embeddings", None)
-    if n_vocab is not None and getattr(tokenizer, "vocab_size", 0) > n_vocab:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{n_vocab}: use the tokenizer the checkpoint was trained with")
+    # prompts never hold the MASK token (our last id), so OpenAI's 49408-row embedding is enough
+    largest = max(getattr(tokenizer, "eot_id", 0), getattr(tokenizer, "sot_id", 0))
+    if n_vocab is not None and largest >= n_vocab:
+        raise ValueError(f"the tokenizer's ids reach {largest} but the model has only {n_vocab} "
+                         f"tokens: use the tokenizer the checkpoint was trained with")
     T = len(templates)
     texts = [t.format(c=c) for c in classnames for t in templates]  # C·T prompts, class-major
     class_of = torch.arange(len(classnames), device=device).repeat_interleave(T)  # (C·T,)

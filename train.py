@@ -18,6 +18,7 @@ Left out on purpose: gradient accumulation, EMA weights, SGD for the text tower 
 for ViT-B/32; AdamW for both towers is what the official code and OpenCLIP do).
 """
 import argparse
+import datetime
 import functools
 import json
 import math
@@ -35,6 +36,7 @@ import eda
 from declip import DeCLIP
 import eval_zeroshot
 from bert import WordPieceTokenizer
+from clip import PRESETS as PRESETS_CLIP
 from losses import clamp_logit_scale_
 from pretrained import create_model, lock_tower, param_groups, train_mode
 from tokenizer import Tokenizer
@@ -69,7 +71,7 @@ def get_args(argv=None):
     p.add_argument("--gamma", type=float, default=0.2, help="weight of L_NNS")
     p.add_argument("--queue-size", type=int, default=8192,
                    help="NN queue length (the paper: 65,536 for batch 1024+)")
-    p.add_argument("--model", default="tiny", help="tiny, RN50, RN101, ViT-B-32, ViT-B-16, ViT-S-16")
+    p.add_argument("--model", default="tiny", choices=list(PRESETS_CLIP))
     p.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: fraction of patches dropped")
     p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
     p.add_argument("--tome-r", type=int, default=0, help="ToMe: tokens merged per ViT block")
@@ -155,8 +157,9 @@ def setup_distributed(args):
         # prefix, a restarted group reads the dead workers' addresses and cannot connect.
         store, rank, world = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
+        # an hour: the other ranks wait in a barrier while rank 0 evaluates (ImageNet: minutes)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, timeout=datetime.timedelta(hours=1))
     return rank, world, device
 
 
@@ -291,7 +294,9 @@ def main(argv=None):
     # data and vocabulary
     try:
         base = data.build_dataset(args.data, args.data_root, split="train",
-                                  image_size=args.image_size or 64, img_key=args.csv_img_key,
+                                  image_size=args.image_size or
+                                  PRESETS_CLIP[args.model]["image_resolution"],
+                                  img_key=args.csv_img_key,
                                   caption_key=args.csv_caption_key, sep=args.csv_separator)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
@@ -375,6 +380,8 @@ def main(argv=None):
         progress = tqdm(total=total, initial=step, dynamic_ncols=True, disable=None)
     bad_in_a_row, n_bad, n_skipped = 0, 0, 0
     sums, t_log, n_log = {}, time.time(), 0
+    # BatchNorm running statistics (a ResNet tower, SimSiam's heads): restored after a bad step
+    bn_stats = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("running_")]
     train_mode(model)  # model.train(), but locked BatchNorms stay frozen
     first_step, t_start = step, time.time()
     while step < total:
@@ -382,21 +389,16 @@ def main(argv=None):
         sampler.set_epoch(epoch, start_batch)
         dataset.set_epoch(epoch)
         for batch in loader:
-            if "image" not in batch:  # every sample of this batch was unreadable
-                n_skipped += int(batch["n_skipped"])
-                if world > 1:  # the other ranks are waiting in this step's all-gather
-                    raise SystemExit(f"rank {rank}: a whole batch of unreadable samples; "
-                                     f"check the data (see the warnings above)")
-                continue
             seed_step(args.seed, rank, step)
             lr = lr_at(step, total, args.warmup, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, args.warmup, group["base_lr"])
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}
+            n_skipped += batch.pop("n_skipped")  # unreadable samples, replaced by data.ImageText
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            bn_before = [b.clone() for b in bn_stats]
             with autocast:
                 loss, terms = ddp(batch["image"], batch.get("image_aug"), batch["ids"],
-                                  batch.get("ids_aug"))
+                                  batch.get("ids_aug"), push=False)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -406,8 +408,11 @@ def main(argv=None):
             finite = bool(torch.isfinite(grad_norm))  # the one host sync of the step
             if finite:
                 scaler.step(optimizer)
+                model.push_queue()  # the NN queue only ever holds features of good steps
                 bad_in_a_row = 0
             else:
+                for stat, before in zip(bn_stats, bn_before):  # undo what the forward changed
+                    stat.copy_(before)
                 n_bad += 1
                 bad_in_a_row += 1
                 if bad_in_a_row >= args.max_bad_steps:
@@ -417,17 +422,19 @@ def main(argv=None):
             scaler.update()
             clamp_logit_scale_(model.clip.logit_scale)
             step += 1
-            n_skipped += int(batch.get("n_skipped", 0))
 
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             n_log += 1
             if step % args.log_every == 0 or step == total:
                 record = {k: round(float(v) / n_log, 5) for k, v in sums.items()}
+                skipped = torch.tensor(n_skipped)
+                if world > 1:  # every rank skips its own samples
+                    dist.all_reduce(skipped)
                 dt = time.time() - t_log
                 record.update(step=step, epoch=epoch, lr=lr,
                               samples_per_s=round(n_log * args.batch_size * world / dt, 1),
-                              bad_steps=n_bad, skipped_samples=n_skipped)
+                              bad_steps=n_bad, skipped_samples=int(skipped))
                 sums, t_log, n_log = {}, time.time(), 0
                 if is_main:
                     log.write(json.dumps(record) + "\n")
@@ -504,9 +511,9 @@ def evaluate(clip, tokenizer, args, device, rank, world, step, log, zeroshot=Non
     elif rank == 0:
         result = eval_zeroshot.evaluate_builtin(clip, tokenizer, n=args.eval_size, device=device,
                                                 seed=args.seed)
-        if log is not None:
-            log.write(json.dumps({"step": step, "zeroshot": result}) + "\n")
-            log.flush()
+    if log is not None:
+        log.write(json.dumps({"step": step, "zeroshot": result}) + "\n")
+        log.flush()
     if world > 1:
         dist.barrier()
     return result

@@ -20,6 +20,7 @@ class FakeTokenizer:
     def __init__(self, texts):
         self.index = {t: i for i, t in enumerate(texts)}
         self.vocab_size = len(texts)
+        self.eot_id = len(texts) - 1  # the largest id it emits
         self.calls = []
 
     def __call__(self, texts, context_length=77):
@@ -115,9 +116,18 @@ def test_mean_per_class_accuracy_imbalanced():
 
 def test_vocab_mismatch_is_reported():
     classnames, templates, tok, model = make_setup()
-    model.token_embedding = nn.Embedding(3, 2)  # fewer tokens than the tokenizer makes
+    model.token_embedding = nn.Embedding(2, 2)  # the tokenizer's SOT/EOT ids would not fit
     with pytest.raises(ValueError, match="tokenizer"):
         ez.zero_shot_classifier(model, tok, classnames, templates)
+
+
+def test_openai_checkpoints_fit_our_tokenizer():
+    """OpenAI's weights have 49408 token rows; our tokenizer adds MASK = 49408, which prompts
+    never contain, so the check must let them through."""
+    classnames, templates, tok, model = make_setup()
+    tok.vocab_size, tok.eot_id = 49409, 49407
+    model.token_embedding = nn.Embedding(49408, 2)
+    ez.zero_shot_classifier(model, tok, classnames, templates)  # no error
 
 
 def test_assets():

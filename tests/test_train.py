@@ -72,12 +72,14 @@ def test_torchrun_two_workers_survive_a_killed_worker(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    """NaN images: the loss, the gradients, SimSiam's BatchNorm statistics and the text features
+    of the step would all be corrupt; none of it may reach the weights, the NN queue or the
+    checkpoint."""
     import declip
     forward = declip.DeCLIP.forward
 
-    def nan_forward(self, *a, **k):
-        loss, terms = forward(self, *a, **k)
-        return loss * float("nan"), terms
+    def nan_forward(self, img_view1, *a, **k):
+        return forward(self, img_view1 * float("nan"), *a, **k)
 
     monkeypatch.setattr(declip.DeCLIP, "forward", nan_forward)
     out = tmp_path / "nan"
@@ -86,6 +88,8 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
                            "--output", str(out)])
     ckpt = weights(out)  # written before the abort: skipped steps leave the weights untouched
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert int(ckpt["model"]["queue.filled"]) == 0  # nothing pushed from a skipped step
+    assert torch.equal(ckpt["model"]["projector.1.running_var"], torch.ones(1024))
 
 
 def test_clip_method_trains_and_evaluates(tmp_path):
