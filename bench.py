@@ -29,16 +29,9 @@ from declip import DeCLIP
 from losses import clip_loss
 
 
-def timed(fn, warmup=2, repeat=6):
-    """Median seconds of fn() over `repeat` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: time the work, not the launches
 
 
 def interleaved(fns, warmup=2, repeat=6):
@@ -49,8 +42,10 @@ def interleaved(fns, warmup=2, repeat=6):
     times = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -97,10 +92,9 @@ def bench_step(models, batch, device, repeat):
         cfg = ours.config
         images, ids = fake_batch(batch, cfg["image_resolution"], cfg["context_length"],
                                  cfg["vocab_size"], 49407, device)
-        # ours: our loss and our optimiser settings (train.py); theirs: ClipLoss and the AdamW
-        # their training script builds (torch defaults: single-tensor on CPU)
+        # the same AdamW (multi-tensor, as train.py) for both: the difference is model + loss
         opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, foreach=True)
-        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-5)
+        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-5, foreach=True)
         loss_fn_ref = open_clip.ClipLoss()
         losses = {"ours": [], "ref": []}
 
@@ -142,8 +136,9 @@ def bench_tokenizer(n=10000):
     print(f"\n## Tokenizer ({n} built-in captions, batch call, median of 3 after a warm-up)")
     print("| tokenizer | captions/s |")
     print("|---|---|")
-    for label, fn in rows:
-        print(f"| {label} | {n / timed(fn, warmup=1, repeat=3):,.0f} |")
+    t = interleaved(dict(rows), warmup=1, repeat=3)
+    for label, _ in rows:
+        print(f"| {label} | {n / t[label]:,.0f} |")
 
 
 # ----------------------------------------------------------------------------- DeCLIP vs CLIP
@@ -207,13 +202,16 @@ def bench_declip(models, batch, device, repeat, vocab_size=1024):
 
 
 def peak_memory(fn, device):
+    """Peak bytes a training step adds on top of what is allocated before it (weights, Adam
+    state and every other contender's tensors), or on CPU the bytes saved for backward."""
     if device.type == "cuda":
         fn()
         torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() - base
     return saved_activation_bytes(fn)
 
 

@@ -29,19 +29,23 @@ def _configs(values):
 
 
 def test_claims_are_paired_by_seed():
-    configs = _configs({"clip": [0.10, 0.30, 0.20], "mvs": [0.12, 0.31, 0.25],
-                        "flip": [0.12, 0.28, 0.20]})
+    # binary fractions, so differences are exact and a zero mean is exactly zero
+    configs = _configs({"clip": [0.25, 0.5, 0.375], "mvs": [0.3125, 0.5, 0.5],
+                        "flip": [0.5, 0.25, 0.375]})
     c = study.check_claim(configs, "top1", "mvs", "clip", +1, "MVS > CLIP")
-    assert c["diff"]["mean"] == pytest.approx((0.02 + 0.01 + 0.05) / 3)
+    assert c["diff"]["mean"] == pytest.approx((0.0625 + 0 + 0.125) / 3)
+    assert c["seeds_agreeing"] == 2 and c["verdict"].startswith("holds on average only")
+    configs["mvs"]["runs"][1]["top1"] = 0.5625
+    c = study.check_claim(configs, "top1", "mvs", "clip", +1, "MVS > CLIP")
     assert c["seeds_agreeing"] == 3 and c["verdict"].startswith("holds (every seed)")
-    # paper: FLIP < CLIP; here +0.02, -0.02, 0: mean 0, one seed each way
+    # paper: FLIP < CLIP; here +0.25, -0.25, 0: mean 0, one seed each way
     c = study.check_claim(configs, "top1", "flip", "clip", -1, "FLIP < CLIP")
     assert c["seeds_agreeing"] == 1 and c["verdict"].startswith("no difference")
     c = study.check_claim(configs, "top1", "clip", "mvs", +1, "reversed")
     assert c["verdict"].startswith("does NOT hold")
-    # the unpaired ordering of means would differ from pairs if seeds were mixed: pair by seed
+    # runs are matched by their seed, not by their position in the list
     assert study.paired(configs["mvs"]["runs"], configs["clip"]["runs"][::-1], "top1")[0] == \
-        pytest.approx([0.02, 0.01, 0.05])
+        pytest.approx([0.0625, 0.0625, 0.125])
 
 
 def test_tome_r_merges_about_half():
@@ -72,8 +76,9 @@ def test_chart_bars_follow_the_numbers(tmp_path):
 
 
 def test_smoke_study_and_rerun_reuses_runs(tmp_path):
-    argv = ["--out", str(tmp_path), "--configs", "clip,declip", "--seeds", "1", "--steps", "3",
-            "--batch-size", "8", "--eval-size", "20", "--workers", "0", "--nn-captions", "64"]
+    common = ["--out", str(tmp_path), "--configs", "clip,declip", "--seeds", "1", "--batch-size",
+              "8", "--eval-size", "20", "--workers", "0", "--nn-captions", "64"]
+    argv = common + ["--steps", "3"]
     report = study.main(argv)
     for name in ("study.md", "study.json", "study.png", "nn_pairs.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -98,4 +103,4 @@ def test_smoke_study_and_rerun_reuses_runs(tmp_path):
         assert second["samples_per_s"] == pytest.approx(first["samples_per_s"])
     # another budget in the same folder is refused instead of silently continuing the run
     with pytest.raises(SystemExit, match="delete the folder"):
-        study.main(argv[:-8] + ["--steps", "4", "--batch-size", "8", "--eval-size", "20"])
+        study.main(common + ["--steps", "4"])

@@ -3,6 +3,7 @@
 Runs are tiny (tiny model, batch 8, a handful of steps) so the file takes well under a minute.
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,11 +19,18 @@ TINY = ["--batch-size", "8", "--eval-size", "20", "--workers", "0", "--warmup", 
 
 def run_script(args, launcher=(sys.executable,), check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([*launcher, os.path.join(REPO, "train.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    # a session of its own, so that on a time-out torchrun's workers are killed with it
+    proc = subprocess.Popen([*launcher, os.path.join(REPO, "train.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+        raise AssertionError(f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def weights(out_dir):
