@@ -1,15 +1,16 @@
 """Train CLIP or DeCLIP: one process, or many with torchrun (DDP + AMP), with exact resume.
 
 DeCLIP (Li et al., ICLR 2022) Sec. 3 and Appendix C; the CLIP variants of the medium-scale study
-(SigLIP loss, FLIP patch dropout) are flags. Everything the paper's Table 4 ablation needs is a flag.
+(SigLIP loss, FLIP patch dropout, ToMe, pre-trained towers) and the Table 4 ablation are flags.
 
-    python train.py                                   # tiny DeCLIP on the built-in data, CPU, minutes
+    python train.py                                   # tiny DeCLIP, built-in data, CPU, minutes
     python train.py --method clip --steps 500         # plain CLIP for comparison
-    torchrun --nproc_per_node=8 train.py --preset declip-cc3m          # the paper's CC3M setting
-    torchrun --nproc_per_node=8 --max-restarts=3 train.py --preset declip-cc3m --resume auto
+    torchrun --nproc_per_node=8 train.py --data cc3m          # the paper's CC3M setting (preset)
+    torchrun --nproc_per_node=8 --max-restarts=3 train.py --data cc3m --resume auto
 
 One training step (all ranks):  reseed RNGs from (seed, rank, step) -> forward under autocast ->
-loss -> backward (DDP averages gradients) -> skip if the gradient is not finite -> clip -> AdamW ->
+loss -> backward (DDP averages gradients) -> if the gradient is not finite, skip the step and undo
+the BatchNorm statistics -> clip -> AdamW -> push the batch's text features to the NN queue ->
 clamp the logit scale.  Everything random is a pure function of (seed, rank, step) or of
 (seed, epoch, sample index), so a run resumed at step k ends bit-for-bit where an uninterrupted
 run ends (CPU, fp32), and the checkpoint needs no RNG state beyond the seed.
@@ -59,7 +60,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="a paper setting; other flags override it (--data cc3m implies declip-cc3m)")
+                   help="a paper setting; flags override it (--data cc3m: declip-cc3m)")
     # what to train
     p.add_argument("--method", choices=["clip", "declip"], default="declip")
     p.add_argument("--no-mvs", dest="mvs", action="store_false", help="DeCLIP without multi-view")
@@ -72,7 +73,8 @@ def get_args(argv=None):
     p.add_argument("--queue-size", type=int, default=8192,
                    help="NN queue length (the paper: 65,536 for batch 1024+)")
     p.add_argument("--model", default="tiny", choices=list(PRESETS_CLIP))
-    p.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: fraction of patches dropped")
+    p.add_argument("--patch-dropout", type=float, default=0.0,
+                   help="FLIP: fraction of patches dropped")
     p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
     p.add_argument("--tome-r", type=int, default=0, help="ToMe: tokens merged per ViT block")
     p.add_argument("--pretrained-image", default=None, help="dino:FILE or tv-resnet50:FILE")
@@ -82,7 +84,8 @@ def get_args(argv=None):
     p.add_argument("--image-lr", type=float, default=None, help="image tower lr (default --lr)")
     p.add_argument("--text-lr", type=float, default=None, help="text tower lr (default --lr)")
     # data
-    p.add_argument("--data", default="builtin", help="builtin, a csv/tsv file, or a folder under --data-root")
+    p.add_argument("--data", default="builtin",
+                   help="builtin, a csv/tsv file, or a folder under --data-root")
     p.add_argument("--data-root", default="data")
     p.add_argument("--csv-img-key", default="filepath")
     p.add_argument("--csv-caption-key", default="title")
@@ -103,17 +106,19 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine")
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on GPUs that support it, fp32 on CPU; fp16 uses a GradScaler")
+                   help="default: bf16 on GPUs that support it, else fp32; fp16: GradScaler")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="abort after this many consecutive non-finite steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available")
     # bookkeeping
     p.add_argument("--output", default=None, help="default: runs/<preset> or runs/demo")
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output) or a path")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (the checkpoint in --output, if any) or a path")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval every N steps (0: end only)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="zero-shot eval every N steps (0: at the end only)")
     p.add_argument("--eval-size", type=int, default=1000, help="built-in eval images")
     p.add_argument("--zeroshot", default="builtin", choices=["builtin", "imagenet", "cifar10",
                    "cifar100"], help="zero-shot eval set (eval_zeroshot.py has more)")
@@ -156,7 +161,8 @@ def setup_distributed(args):
         # torchrun keeps one key-value store across restarts (--max-restarts): without a fresh
         # prefix, a restarted group reads the dead workers' addresses and cannot connect.
         store, rank, world = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"restart{restart}/", store)
         # an hour: the other ranks wait in a barrier while rank 0 evaluates (ImageNet: minutes)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
                                 rank=rank, world_size=world, timeout=datetime.timedelta(hours=1))
@@ -229,7 +235,8 @@ def build_tokenizer(args, base, checkpoint):
 
 def build_loader(args, base, tokenizer, image_size, rank, world):
     two_views = args.mvs or args.ss
-    transform = (data.declip_image_transform if two_views else data.clip_image_transform)(image_size)
+    views = data.declip_image_transform if two_views else data.clip_image_transform
+    transform = views(image_size)
     dataset = data.ImageText(base, transform, views=2 if two_views else 1,
                              text_aug=eda.augment if args.mvs else None, seed=args.seed)
     sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
@@ -286,7 +293,8 @@ def main(argv=None):
     rank, world, device = setup_distributed(args)
     is_main = rank == 0
     if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        args.precision = "bf16" if bf16 else "fp32"
     if args.precision == "fp16" and device.type != "cuda":
         raise SystemExit("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on CPU")
     checkpoint = load_resume(args)
@@ -345,8 +353,9 @@ def main(argv=None):
     steps_per_epoch = sampler.batches_per_epoch
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     # AdamW; no decay on norms, biases, logit scale/bias; per-tower peak lr (pretrained.py)
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr),
-                                  lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, foreach=True)
+    groups = param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6,
+                                  foreach=True)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
     step = 0
     if checkpoint is not None:
@@ -479,7 +488,7 @@ def main(argv=None):
 
 
 def assert_replicas_agree(model):
-    """Every rank must hold the same weights after training (DDP's promise); checked once, cheaply."""
+    """Every rank must hold the same weights after training (DDP's promise): checked once."""
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])  # (P,)
     gathered = [torch.empty_like(checksum) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, checksum)
