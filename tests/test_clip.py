@@ -232,7 +232,21 @@ def test_causal_mask(small_vit):
         _, a = small_vit.encode_text(ids, return_tokens=True)
         _, b = small_vit.encode_text(changed, return_tokens=True)
     torch.testing.assert_close(a[:, :5], b[:, :5], atol=0, rtol=0)
-    assert (a[:, 5:] - b[:, 5:]).abs().amax(dim=-1).min() > 1e-4  # every later token sees it
+    n = int((ids == small_vit.eot_id).int().argmax(dim=1).max()) + 1  # tokens up to the last EOT
+    assert (a[:, 5:n] - b[:, 5:n]).abs().amax(dim=-1).min() > 1e-4  # every later token sees it
+    assert not a[:, n:].any()  # past the batch's last EOT the tower does not run: zeros
+
+
+def test_text_tower_skips_padding_after_the_last_eot(small_vit):
+    """A caption's feature does not depend on how long the other captions of its batch are."""
+    ids = text_ids(2, 32)
+    long = ids[1:].clone()
+    long[0, -1] = small_vit.eot_id  # EOT in the last position: the tower runs on all 32 tokens
+    long[0, (long[0] == small_vit.eot_id).int().argmax()] = 42
+    with torch.no_grad():
+        alone = small_vit.encode_text(ids[:1])  # runs on a short prefix
+        in_long_batch = small_vit.encode_text(torch.cat([ids[:1], long]))[:1]
+    torch.testing.assert_close(alone, in_long_batch, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------ image tower
