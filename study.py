@@ -101,6 +101,7 @@ def get_args(argv=None):
     p.add_argument("--nn-captions", type=int, default=None,
                    help="captions in the NN queue of nn_pairs.png (default 4096; 512 --quick)")
     args = p.parse_args(argv)
+    args.argv = argv
     defaults = (dict(steps=10, batch_size=16, seeds="1", eval_size=96, nn_captions=512)
                 if args.quick else
                 dict(steps=150, batch_size=64, seeds="2", eval_size=960, nn_captions=4096))
@@ -455,10 +456,40 @@ def nn_pairs(checkpoint, path, n_captions=4096, n_queries=512, n_show=8, batch=5
 
 # ----------------------------------------------------------------------------- main
 
+def lock(out):
+    """Refuse to run two studies into one folder: both would train the same run folders at once."""
+    path = os.path.join(out, ".study.lock")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether that process still exists
+        except (ProcessLookupError, ValueError):
+            os.remove(path)  # left behind by a study that was killed
+            return lock(out)
+        except PermissionError:
+            pass
+        raise SystemExit(f"{path}: study.py (pid {pid}) is already writing {out}; wait for it "
+                         f"or pass another --out") from None
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return path
+
+
 def main(argv=None):
     args = get_args(argv)
     t0, load_start = time.time(), os.getloadavg()[0]
     os.makedirs(args.out, exist_ok=True)
+    lock_path = lock(args.out)
+    try:
+        return _study(args, t0, load_start)
+    finally:
+        os.remove(lock_path)
+
+
+def _study(args, t0, load_start):
     import tome
     tome_r = tome_r_for_half(65, 3)
     runs = {name: [] for name in args.configs}
@@ -474,7 +505,7 @@ def main(argv=None):
         nn = nn_pairs(ckpt, os.path.join(args.out, "nn_pairs.png"),
                       n_captions=args.nn_captions, n_queries=min(512, args.nn_captions))
     report = {
-        "command": "python study.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python study.py " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
                      "warmup": args.warmup, "eval_size": args.eval_size,
                      "workers": args.workers, "tome_r": tome_r,

@@ -2,6 +2,7 @@
 numbers, and a smoke run of the whole pipeline (2 configs x 1 seed x 3 steps) including a re-run
 that must re-use the finished runs (train.py --resume auto) instead of training them again."""
 import json
+import os
 import math
 
 import pytest
@@ -104,3 +105,14 @@ def test_smoke_study_and_rerun_reuses_runs(tmp_path):
     # another budget in the same folder is refused instead of silently continuing the run
     with pytest.raises(SystemExit, match="delete the folder"):
         study.main(common + ["--steps", "4"])
+
+
+def test_lock_refuses_a_second_study_and_clears_a_dead_ones(tmp_path):
+    path = study.lock(str(tmp_path))
+    with pytest.raises(SystemExit, match="already writing"):
+        study.lock(str(tmp_path))  # this very process holds it
+    with open(path, "w") as f:
+        f.write("999999999")  # no such process: a study that was killed
+    assert study.lock(str(tmp_path)) == path
+    with open(path) as f:
+        assert int(f.read()) == os.getpid()
