@@ -170,6 +170,10 @@ def tome_r_for_half(n_tokens=65, layers=3):
 
 # ----------------------------------------------------------------------------- running
 
+def log_every(args):
+    return max(1, args.steps // 10)
+
+
 def run_one(args, name, seed, tome_r):
     """Train (or, if finished, re-evaluate) one configuration; returns its result row."""
     import train
@@ -190,22 +194,24 @@ def run_one(args, name, seed, tome_r):
         json.dump(stamp, f)
     argv = flags + budget + ["--output", out, "--resume", "auto", "--eval-size",
                              str(args.eval_size), "--workers", str(args.workers),
-                             "--log-every", str(max(1, args.steps // 10)),
+                             "--log-every", str(log_every(args)),
                              "--save-every", str(args.steps)]
     print(f"\n=== {name} seed {seed}: train.py {' '.join(argv)}", flush=True)
     t0 = time.time()
     result = train.main(argv)
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    # train.py's own figure covers the whole run, so one burst of load elsewhere on the machine
+    # moves it a lot; the median of its logged windows (steps // 10 steps each) hardly moves.
+    windows = [r["samples_per_s"] for r in records if "samples_per_s" in r]
+    trained = [r["final"] for r in records if r.get("final", {}).get("samples_per_s", 0) > 0]
     row = {"seed": seed, "top1": result["top1"], "top5": result["top5"], "n": result["n"],
-           "samples_per_s": result["samples_per_s"], "train_seconds": result["train_seconds"],
-           "wall_seconds": time.time() - t0, "resumed": False, "output": out}
-    if result["samples_per_s"] == 0:  # finished earlier: its speed is in the log of that run
-        row["resumed"] = True
-        finals = [json.loads(line)["final"] for line in open(os.path.join(out, "log.jsonl"))
-                  if '"final"' in line]
-        trained = [f for f in finals if f.get("samples_per_s", 0) > 0]
-        if trained:
-            row["samples_per_s"] = trained[-1]["samples_per_s"]
-            row["train_seconds"] = trained[-1]["train_seconds"]
+           "samples_per_s": statistics.median(windows) if windows else math.nan,
+           # a finished run resumed with --resume auto trains 0 steps and reports 0 samples/s:
+           # its speed is in the log of the run that trained it
+           "resumed": result["samples_per_s"] == 0,
+           "samples_per_s_whole_run": trained[-1]["samples_per_s"] if trained else math.nan,
+           "train_seconds": trained[-1]["train_seconds"] if trained else math.nan,
+           "wall_seconds": time.time() - t0, "output": out}
     return row
 
 
@@ -228,20 +234,25 @@ def pct(s):
 
 def markdown(report):
     st, configs = report["settings"], report["configs"]
+    runs = [r for c in configs.values() for r in c["runs"]]
+    n_runs, n_reused = len(runs), sum(r["resumed"] for r in runs)
     lines = [
         "# Study: DeCLIP Table 4 and the medium-scale study's Figs. 3/4 on the built-in data", "",
         f"`{report['command']}` — {len(st['seeds'])} seed(s) {st['seeds']}, {st['steps']} steps "
         f"x batch {st['batch_size']} ({st['steps'] * st['batch_size']} samples, warm-up "
         f"{st['warmup']}), tiny ViT on CPU, zero-shot on {st['eval_size']} built-in eval images "
-        f"(48 classes, chance 2.1% top-1). Wall time {report['wall_seconds'] / 60:.1f} min "
-        f"(training time summed over the runs, as first trained: "
+        f"(48 classes, chance 2.1% top-1). This invocation: {report['wall_seconds'] / 60:.1f} min "
+        f"wall time, {n_reused} of {n_runs} runs re-used from an earlier one (re-evaluated, not "
+        f"trained); training time summed over all runs as first trained: "
         f"{report['train_seconds_total'] / 60:.1f} min; 1-min load average at the start / end "
         f"{report['load_average'][0]:.1f} / {report['load_average'][1]:.1f} on "
-        f"{os.cpu_count()} cores).", "",
+        f"{os.cpu_count()} cores.", "",
         f"Numbers: mean ± {SPREAD}. ToMe: r = {st['tome_r']} per block "
         f"({' -> '.join(map(str, [65] + st['tome_tokens']))} tokens).", "",
         "samples/s are per-run wall-clock figures (data loading included) measured inside the "
-        "study, one run after another, so machine load moves them; `python bench.py --only "
+        "study, one run after another, so machine load moves them: each is the median of the "
+        f"run's {st['steps'] // st['log_every']} logged windows of {st['log_every']} steps "
+        "(study.json also has train.py's whole-run figure). `python bench.py --only "
         "methods,declip` measures the speed ratios side by side (interleaved), which is the "
         "figure to quote.", ""]
     for group, title in GROUPS.items():
@@ -284,6 +295,17 @@ def markdown(report):
                   f"{100 * nn['same_shape']:.0f}%; mean cosine {nn['mean_cosine']:.3f}. "
                   "(Training pushes the *masked* captions' features with the weights of their "
                   "step; this picture uses the final weights and unmasked captions.)", ""]
+    sig = report.get("siglip_init")
+    if sig and configs["siglip"]["top1"]["mean"] < configs.get("clip", {}).get("top1", {}).get(
+            "mean", 0):
+        lines += ["## Why SigLIP fails here", "",
+                  "train.py's SigLIP starts from the paper's t = 10, b = −10, an init chosen for "
+                  "batches of 16k–32k (almost every pair is a negative). At batch 64 the loss "
+                  "goes flat early and after training the bias is still "
+                  f"{sig['logit_bias']:.3f} and the scale {sig['logit_scale']:.2f} "
+                  f"(SigLIP seed {sig['seed']}): at this budget the result says more about that "
+                  "init than about the sigmoid loss (b = −log(B − 1) would start a batch of B "
+                  "balanced; it is not a flag of train.py).", ""]
     lines += ["![study](study.png)", ""]
     return "\n".join(lines)
 
@@ -356,7 +378,7 @@ def draw_chart(groups, path, note=""):
     img = Image.new("RGB", (W, head + row_h * len(groups) + 24), "white")
     draw = ImageDraw.Draw(img)
     draw.text((12, 10), "Zero-shot top-1 (mean ± std over seeds, dots = seeds) and training "
-              "samples/s (wall-clock per run)", fill=INK, font=font(16))
+              "samples/s (wall-clock, per run)", fill=INK, font=font(16))
     rects = {}
     for g, (title, items) in enumerate(groups):
         y0 = head + g * row_h
@@ -364,7 +386,8 @@ def draw_chart(groups, path, note=""):
         halves = [(12, y0 + 30, W // 2 - 20, y0 + row_h - 6),
                   (W // 2 + 10, y0 + 30, W - 14, y0 + row_h - 6)]
         panels = [("zero-shot top-1 (%)", "top1", 100, BAR, lambda v: f"{v:.1f}"),
-                  ("samples/s", "samples_per_s", 1, BAR_SPS, lambda v: f"{v:.0f}")]
+                  ("training samples/s (median of logged windows)", "samples_per_s", 1, BAR_SPS,
+                   lambda v: f"{v:.0f}")]
         for box, (name, key, scale, colour, fmt) in zip(halves, panels):
             for label, rect in _bar_panel(draw, box, name, items, key, scale, colour,
                                           fmt).items():
@@ -438,10 +461,11 @@ def nn_pairs(checkpoint, path, n_captions=4096, n_queries=512, n_show=8, batch=5
             x = 80 + c * col
             image, caption = base[i]
             img.paste(image.resize((thumb, thumb), Image.NEAREST), (x, y))
-            extra = f"cos {cos[c]:.3f}" if r == 1 else f"#{i}"
-            for k, line in enumerate(textwrap.wrap(caption, 24)[:5] + [extra]):
-                draw.text((x, y + thumb + 4 + 15 * k), line, fill=INK if k < 5 else (120,) * 3,
-                          font=f)
+            lines = textwrap.wrap(caption, 24)[:5]
+            for k, line in enumerate(lines):
+                draw.text((x, y + thumb + 4 + 15 * k), line, fill=INK, font=f)
+            draw.text((x, y + thumb + 4 + 15 * len(lines)), f"cos {cos[c]:.3f}" if r else f"#{i}",
+                      fill=(120, 120, 120), font=f)
     n = len(queries)
     draw.text((10, H - 20), f"Over {n} queries the neighbour has the same class in "
               f"{100 * same['class'] / n:.0f}%, the same colour in {100 * same['colour'] / n:.0f}%,"
@@ -504,15 +528,25 @@ def _study(args, t0, load_start):
         ckpt = os.path.join(configs["declip"]["runs"][0]["output"], "checkpoint.pt")
         nn = nn_pairs(ckpt, os.path.join(args.out, "nn_pairs.png"),
                       n_captions=args.nn_captions, n_queries=min(512, args.nn_captions))
+    sig = None
+    if "siglip" in configs:  # the learnt temperature and bias explain SigLIP's result here
+        import torch
+        run = configs["siglip"]["runs"][0]
+        state = torch.load(os.path.join(run["output"], "checkpoint.pt"), map_location="cpu",
+                           weights_only=False)["model"]
+        sig = {"seed": run["seed"], "logit_bias": float(state["logit_bias"]),
+               "logit_scale": float(state["clip.logit_scale"].exp())}
     report = {
-        "command": "python study.py " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "command": " ".join(["python study.py", *(sys.argv[1:] if args.argv is None
+                                                   else args.argv)]),
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
                      "warmup": args.warmup, "eval_size": args.eval_size,
-                     "workers": args.workers, "tome_r": tome_r,
+                     "workers": args.workers, "log_every": log_every(args), "tome_r": tome_r,
                      "tome_tokens": tome.remaining_tokens(65, [tome_r] * 3), "spread": SPREAD,
-                     "samples_per_s": "per-run wall-clock (load-dependent); see bench.py"},
+                     "samples_per_s": "per-run wall-clock, median of logged windows "
+                                      "(load-dependent); see bench.py"},
         "groups": {g: [n for n in configs if g in configs[n]["groups"]] for g in GROUPS},
-        "configs": configs, "claims": claims, "nn_pairs": nn,
+        "configs": configs, "claims": claims, "nn_pairs": nn, "siglip_init": sig,
         "wall_seconds": time.time() - t0,
         "train_seconds_total": sum(r["train_seconds"] for c in configs.values()
                                    for r in c["runs"]),

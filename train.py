@@ -392,7 +392,7 @@ def main(argv=None):
     # BatchNorm running statistics (a ResNet tower, SimSiam's heads): restored after a bad step
     bn_stats = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("running_")]
     train_mode(model)  # model.train(), but locked BatchNorms stay frozen
-    first_step, t_start = step, time.time()
+    first_step, t_start = step, time.perf_counter()
     while step < total:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch)
@@ -467,14 +467,15 @@ def main(argv=None):
                     os._exit(13)  # simulate a worker killed mid-run (fault-tolerance test)
             if step >= total:
                 break
-    train_seconds = time.time() - t_start
+    train_seconds = time.perf_counter() - t_start
     if is_main:
         progress.close()
     if world > 1:
         assert_replicas_agree(model)
     result = evaluate(model.clip, tokenizer, args, device, rank, world, step, log, zeroshot)
     if is_main:
-        result["samples_per_s"] = (step - first_step) * args.batch_size * world / train_seconds
+        trained = (step - first_step) * args.batch_size * world  # 0 when resuming a finished run
+        result["samples_per_s"] = trained / train_seconds if trained else 0.0
         result["train_seconds"] = train_seconds
         log.write(json.dumps({"step": step, "final": result}) + "\n")
         log.close()
