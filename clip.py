@@ -87,8 +87,8 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(width * 4, width)),
         ]))
 
-    def forward(self, x, is_causal=False):
-        x = x + self.attn(self.ln_1(x), is_causal=is_causal)
+    def forward(self, x, is_causal=False, attn_bias=None):
+        x = x + self.attn(self.ln_1(x), is_causal=is_causal, attn_bias=attn_bias)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -99,9 +99,9 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(
             [ResidualAttentionBlock(width, heads, act, ln_eps) for _ in range(layers)])
 
-    def forward(self, x, is_causal=False):  # (B, L, W) -> (B, L, W)
+    def forward(self, x, is_causal=False, attn_bias=None):  # (B, L, W) -> (B, L, W)
         for block in self.resblocks:
-            x = block(x, is_causal=is_causal)
+            x = block(x, is_causal=is_causal, attn_bias=attn_bias)
         return x
 
 
@@ -363,9 +363,12 @@ class CLIP(nn.Module):
         z = self.visual(images)
         return F.normalize(z, dim=-1) if normalize else z
 
-    def encode_text(self, ids, normalize=False, return_tokens=False):
+    def encode_text(self, ids, normalize=False, return_tokens=False, causal=True):
         """ids (B, L) -> z (B, D); with return_tokens, (z, token features (B, L, W) for MLM: the
-        ln_final outputs (zeros after the batch's last EOT), or BERT's last hidden states)."""
+        ln_final outputs (zeros after the batch's last EOT), or BERT's last hidden states).
+
+        causal=False runs OpenAI's text tower with bidirectional attention over each caption's
+        tokens up to its EOT (padding is masked out): BERT-style MLM (DeCLIP's separate pass)."""
         B, L = ids.shape
         if L > self.context_length:
             n = self.context_length
@@ -383,7 +386,13 @@ class CLIP(nn.Module):
             # use ~20 of 77 positions). Costs one host sync; identical results.
             n = L if ids.is_meta else int(eot.max()) + 1  # meta tensors (shape checks): no values
             x = self.token_embedding(ids[:, :n]) + self.positional_embedding[:n]  # (B, n, W)
-            x = self.transformer(x, is_causal=True)
+            if causal:
+                x = self.transformer(x, is_causal=True)
+            else:  # every token sees its caption's tokens up to EOT, never the padding after it
+                pad = torch.arange(n, device=ids.device)[None, :] > eot[:, None]  # (B, n)
+                bias = torch.zeros(pad.shape, dtype=x.dtype, device=ids.device)
+                bias = bias.masked_fill(pad, float("-inf"))[:, None, None, :]      # (B, 1, 1, n)
+                x = self.transformer(x, attn_bias=bias)
             rows = torch.arange(B, device=ids.device)
             if return_tokens:
                 tokens = self.ln_final(x)  # (B, n, W)
@@ -418,6 +427,12 @@ PRESETS = {
     "ViT-S-16": dict(embed_dim=384, image_resolution=224, vision_layers=12, vision_width=384,
                      vision_patch_size=16, context_length=77, vocab_size=49409,
                      transformer_width=384, transformer_heads=6, transformer_layers=12, act="gelu"),
+    # The demo's model: a ModifiedResNet with one bottleneck per stage (DeCLIP's Table 4 is an
+    # RN50), 64 px, and the tiny text tower. It learns the built-in data's shapes in ~500 steps.
+    "tiny-rn": dict(embed_dim=128, image_resolution=64, vision_layers=(1, 1, 1, 1),
+                    vision_width=16, vision_patch_size=None, context_length=32, vocab_size=49409,
+                    transformer_width=128, transformer_heads=4, transformer_layers=3, act="gelu"),
+    # A tiny ViT for what needs patches (FLIP's patch dropout, ToMe's merging).
     "tiny": dict(embed_dim=128, image_resolution=64, vision_layers=3, vision_width=128,
                  vision_patch_size=8, vision_heads=4, context_length=32, vocab_size=49409,
                  transformer_width=128, transformer_heads=4, transformer_layers=3, act="gelu"),

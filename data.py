@@ -30,15 +30,17 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import random
 import tarfile
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from builtin_data import SyntheticCaptions, nearest_colour
 
 log = logging.getLogger(__name__)
 
@@ -50,180 +52,6 @@ PREPARE_CC3M = ("img2dataset --url_list cc3m.tsv --input_format tsv --url_col ur
                 "--image_size 256 --processes_count 16")
 MAX_SUBSTITUTES = 100  # unusable samples in a row before ImageText gives up
 MAX_WARNINGS = 5  # per dataset copy (i.e. per worker): name the first few bad files, count the rest
-
-
-# ----------------------------------------------------------------------------- built-in data
-
-# Colour -> (RGB, words a caption may use). Saturated colours plus white/black on muted
-# backgrounds keep the main object clearly separable from the background.
-COLOURS = {
-    "red": ((220, 30, 30), ("red", "crimson", "scarlet")),
-    "orange": ((245, 130, 20), ("orange", "tangerine", "amber")),
-    "yellow": ((240, 220, 30), ("yellow", "golden", "lemon")),
-    "green": ((40, 170, 50), ("green", "emerald", "grass-green")),
-    "blue": ((30, 70, 220), ("blue", "azure", "cobalt")),
-    "purple": ((140, 40, 180), ("purple", "violet", "lilac")),
-    "white": ((245, 245, 245), ("white", "snow-white", "ivory")),
-    "black": ((15, 15, 15), ("black", "jet-black", "ebony")),
-}
-_STAR = [(0.45 ** (k % 2) * math.cos(math.pi * (k / 5 - 0.5)),
-          0.45 ** (k % 2) * math.sin(math.pi * (k / 5 - 0.5))) for k in range(10)]
-# Shape -> (outline on the unit square around the centre, or None for a disc; caption words).
-SHAPES = {
-    "circle": (None, ("circle", "disc", "dot", "round shape")),
-    "square": ([(-.8, -.8), (.8, -.8), (.8, .8), (-.8, .8)], ("square", "box", "block", "tile")),
-    "triangle": ([(0, -1), (.87, .5), (-.87, .5)], ("triangle", "wedge", "three-sided shape")),
-    "star": (_STAR, ("star", "five-pointed star", "starburst")),
-    "cross": ([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
-               (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)], ("cross", "plus sign", "plus")),
-    "diamond": ([(0, -1), (.7, 0), (0, 1), (-.7, 0)], ("diamond", "rhombus", "lozenge")),
-}
-PREFIXES = ("photo of", "stock image:", "illustration of", "close-up of", "an image of",
-            "picture of", "clipart:", "icon of", "image may contain:")
-SUFFIXES = ("free download", "vector illustration", "stock photo", "royalty free", "hd wallpaper",
-            "- stock vector", "| clipart", "high resolution", "for sale", "on white paper")
-
-
-def _a(phrase):
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-class SyntheticCaptions(torch.utils.data.Dataset):
-    """Coloured shapes with web-alt-text-like captions, generated from (seed, split, index).
-
-    Item i is rendered from `random.Random("declip-mini/{seed}/{split}/{i}")`, so the same index
-    gives the same pair on every rank and every run, and train and eval never share an item.
-    Scene: a muted background (plain, a linear gradient, or noisy; luminance chosen to contrast
-    with the main object), the *main object* (one of 6 shapes x 8 colours, radius 20-30% of the
-    image, slightly rotated, colour jittered by +-20 per channel, drawn first and never overlapped),
-    0-2 small distractors (radius 7-12%, other colours), then uniform pixel noise (numpy).
-    Caption: the main object's colour and shape with synonyms ("crimson disc", "star in
-    azure"), naming both ~90% of the time (otherwise only one), sometimes with its size, its
-    position ("at the top left", from its centre), the distractors, the background, a prefix
-    ("stock image:") or an irrelevant suffix ("free download", "in 2014"), as in CC3M.
-    Label = colour x 6 + shape of the main object (`classnames[label]` == "red circle"); the eval
-    split cycles through the 48 classes so it is exactly balanced.
-    Horizontal flips (DeCLIP's view) turn "left" into "right": we keep them and accept the noise,
-    because position words are in ~30% of captions and colour/shape, the learnt classes, survive.
-    """
-
-    classnames = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-    templates = ["a photo of a {c}.", "a {c}.", "an image of a {c}.", "a picture of a {c}.",
-                 "a drawing of a {c}.", "a big {c}.", "a {c} on a plain background.",
-                 "stock image of a {c}."]
-
-    def __init__(self, split="train", size=None, image_size=64, seed=0):
-        if split not in ("train", "eval"):
-            raise ValueError(f"SyntheticCaptions: split must be 'train' or 'eval', not {split!r}")
-        self.split, self.image_size, self.seed = split, image_size, seed
-        self.size = size if size is not None else (1_000_000 if split == "train" else 2_000)
-
-    def __len__(self):
-        return self.size
-
-    def scene(self, i):
-        """The random choices behind item i (cheap: no pixels), as a dict."""
-        if not 0 <= i < self.size:
-            raise IndexError(f"SyntheticCaptions: index {i} out of range({self.size})")
-        rng, S = random.Random(f"declip-mini/{self.seed}/{self.split}/{i}"), self.image_size
-        names, n_classes = list(COLOURS), len(self.classnames)
-        label = i % n_classes if self.split == "eval" else rng.randrange(n_classes)
-        colour, shape = names[label // len(SHAPES)], list(SHAPES)[label % len(SHAPES)]
-        r = rng.uniform(0.2, 0.3) * S
-        main = dict(colour=colour, shape=shape, r=r, x=rng.uniform(r, S - r),
-                    y=rng.uniform(r, S - r), angle=rng.uniform(-0.26, 0.26))
-        lum = {"white": (40, 110), "black": (130, 215)}.get(colour, (50, 210))
-        lum = rng.uniform(*lum)
-        bg = [lum + rng.uniform(-12, 12) for _ in range(3)]
-        # small distractors in other colours that stand out from the background, never touching
-        # the main object so it stays clearly visible
-        allowed = [c for c in names if c != colour and not (c == "white" and lum > 150)
-                   and not (c == "black" and lum < 90)]
-        others = []
-        for _ in range(rng.choice((0, 1, 1, 2))):
-            r2 = rng.uniform(0.07, 0.12) * S
-            x, y = rng.uniform(r2, S - r2), rng.uniform(r2, S - r2)
-            if math.hypot(x - main["x"], y - main["y"]) > r + r2 + 1 and all(
-                    math.hypot(x - o["x"], y - o["y"]) > r2 + o["r"] for o in others):
-                others.append(dict(colour=rng.choice(allowed), shape=rng.choice(list(SHAPES)),
-                                   r=r2, x=x, y=y, angle=rng.uniform(-0.26, 0.26)))
-        for o in [main] + others:
-            base_rgb = COLOURS[o["colour"]][0]
-            o["rgb"] = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in base_rgb)
-        background = rng.choice(("plain", "gradient", "noisy"))
-        return dict(label=label, main=main, others=others, bg=bg, background=background,
-                    gradient=(rng.random() < 0.5, rng.uniform(-40, 40)),
-                    noise=rng.uniform(4, 14) if background == "noisy" else rng.uniform(0, 4),
-                    noise_seed=rng.getrandbits(63), caption_seed=rng.getrandbits(63))
-
-    def label(self, i):
-        return self.scene(i)["label"]
-
-    def caption(self, i):
-        return self._caption(self.scene(i))
-
-    def __getitem__(self, i):
-        sc = self.scene(i)
-        return self._render(sc), self._caption(sc)
-
-    def _render(self, sc):
-        S = self.image_size
-        pixels = np.empty((S, S, 3), np.float32)
-        pixels[:] = sc["bg"]
-        if sc["background"] == "gradient":
-            vertical, amplitude = sc["gradient"]
-            ramp = np.linspace(-amplitude, amplitude, S, dtype=np.float32)
-            pixels += ramp[:, None, None] if vertical else ramp[None, :, None]
-        img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for o in [sc["main"]] + sc["others"]:
-            outline, x, y, r = SHAPES[o["shape"]][0], o["x"], o["y"], o["r"]
-            if outline is None:
-                draw.ellipse((x - r, y - r, x + r, y + r), fill=o["rgb"])
-            else:
-                cos, sin = math.cos(o["angle"]), math.sin(o["angle"])
-                draw.polygon([(x + r * (u * cos - v * sin), y + r * (u * sin + v * cos))
-                              for u, v in outline], fill=o["rgb"])
-        # uniform noise with the wanted std: 3x cheaper to draw than Gaussian noise
-        noise = np.random.default_rng(sc["noise_seed"]).random((S, S, 3), np.float32) - 0.5
-        pixels = np.asarray(img, np.float32) + noise * (sc["noise"] * math.sqrt(12))
-        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-
-    def _caption(self, sc):
-        rng, main, S = random.Random(sc["caption_seed"]), sc["main"], self.image_size
-        colour, shape = rng.choice(COLOURS[main["colour"]][1]), rng.choice(SHAPES[main["shape"]][1])
-        u = rng.random()
-        if u < 0.06:
-            desc = shape
-        elif u < 0.10:
-            desc = f"{colour} {rng.choice(('object', 'thing', 'icon', 'sign'))}"
-        elif u < 0.25:
-            desc = f"{shape} in {colour}"
-        else:
-            desc = f"{colour} {shape}"
-        if rng.random() < 0.3:
-            desc = f"{rng.choice(('big', 'large'))} {desc}"
-        parts = [_a(desc) if rng.random() < 0.7 else desc]
-        if rng.random() < 0.3:
-            h = "left" if main["x"] < 0.4 * S else "right" if main["x"] > 0.6 * S else ""
-            v = "top" if main["y"] < 0.4 * S else "bottom" if main["y"] > 0.6 * S else ""
-            parts.append(f"at the {v} {h}" if v and h else f"on the {h}" if h else
-                         f"near the {v}" if v else rng.choice(("in the centre", "in the middle")))
-        if sc["others"] and rng.random() < 0.5:
-            small = [f"{rng.choice(('a small', 'a little', 'a tiny'))} {o['colour']} "
-                     f"{rng.choice(SHAPES[o['shape']][1])}" for o in sc["others"]]
-            parts.append(f"{rng.choice(('and', 'with', 'next to'))} {' and '.join(small)}")
-        if rng.random() < 0.25:
-            tone = sc["bg"][0]
-            tone = "dark" if tone < 100 else "light grey" if tone > 160 else "grey"
-            parts.append(f"on a {rng.choice((tone, 'plain', sc['background']))} background")
-        text = " ".join(parts)
-        if rng.random() < 0.4:
-            text = f"{rng.choice(PREFIXES)} {text}"
-        if rng.random() < 0.3:
-            text += " " + (f"in {rng.randint(2005, 2019)}" if rng.random() < 0.3
-                           else rng.choice(SUFFIXES))
-        return text[0].upper() + text[1:] if rng.random() < 0.3 else text
 
 
 # ----------------------------------------------------------------------------- files
@@ -412,22 +240,90 @@ def build_dataset(name, data_root="./data", split="train", image_size=64, seed=0
 
 # ----------------------------------------------------------------------------- views
 
-def declip_image_transform(size, flip=True):
+class DeclipView:
     """DeCLIP's image view (Appendix B; SimCLR/SimSiam's recipe with crop scale 0.2-1).
 
-    The paper gives blur's sigma range but not its probability: we take SimCLR's p = 0.5 and its
-    kernel of ~10% of the image side (odd).
+    RandomResizedCrop(scale 0.2-1, bicubic) -> ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 ->
+    grayscale with p 0.2 -> Gaussian blur with p 0.5 -> horizontal flip with p 0.5.
+    The paper gives blur's sigma range (0.1-2 px at 224 px) but not its probability: we take
+    SimCLR's p = 0.5, and scale sigma and the kernel (23 px at 224, ~10% of the side) with the
+    image side, so a 64 px image is blurred as much, relative to its content, as a 224 px photo.
+    The random draws (`sample`) are kept apart from their application (`apply`) so that a test
+    can ask what a view did to the label (builtin_data.label_visible). Draws use torch's global
+    RNG, which ImageText reseeds per sample.
     """
-    kernel = int(0.1 * size) // 2 * 2 + 1
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-        *([T.RandomHorizontalFlip()] if flip else []),
-        T.ToTensor(),
-        T.Normalize(OPENAI_MEAN, OPENAI_STD),
-    ])
+
+    def __init__(self, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8,
+                 p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0), flip=True):
+        self.size, self.scale, self.jitter, self.flip = size, scale, jitter, flip
+        self.p_jitter, self.p_gray, self.p_blur = p_jitter, p_gray, p_blur
+        self.sigma = (sigma[0] * size / 224, sigma[1] * size / 224)
+        self.kernel = int(0.1 * size) // 2 * 2 + 1
+
+    def sample(self, image):
+        """The random choices of one view of `image` (PIL), as a dict."""
+        crop = T.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))  # i, j, h, w
+        b, c, s, h = self.jitter
+        jitter = (T.ColorJitter.get_params([1 - b, 1 + b], [1 - c, 1 + c], [1 - s, 1 + s],
+                                           [-h, h]) if torch.rand(()) < self.p_jitter else None)
+        gray = bool(torch.rand(()) < self.p_gray)
+        sigma = (T.GaussianBlur.get_params(*self.sigma) if torch.rand(()) < self.p_blur
+                 else None)
+        flip = self.flip and bool(torch.rand(()) < 0.5)
+        return dict(crop=crop, jitter=jitter, gray=gray, sigma=sigma, flip=flip)
+
+    def apply(self, image, params):
+        """PIL image -> normalised (3, size, size) tensor, as `params` say."""
+        image = TF.resized_crop(image, *params["crop"], [self.size, self.size],
+                                T.InterpolationMode.BICUBIC)
+        if params["jitter"] is not None:
+            order, brightness, contrast, saturation, hue = params["jitter"]
+            adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation,
+                      TF.adjust_hue)
+            factors = (brightness, contrast, saturation, hue)
+            for k in order.tolist():
+                image = adjust[k](image, factors[k])
+        if params["gray"]:
+            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        if params["sigma"] is not None:
+            image = TF.gaussian_blur(image, [self.kernel] * 2, [params["sigma"]] * 2)
+        if params["flip"]:
+            image = TF.hflip(image)
+        return TF.normalize(TF.to_tensor(image), OPENAI_MEAN, OPENAI_STD)
+
+    def __call__(self, image):
+        return self.apply(image, self.sample(image))
+
+
+def label_visible(ds, i, view, params=None):
+    """Does a view of built-in item i still show its label? -> (colour shown, shape shown).
+
+    Shape: at least half of one copy of the main object lies inside the crop. Colour: the median
+    pixel of the main object in the view is named its colour (builtin_data.nearest_colour: the
+    nearest of the 5 hues, or white/black if unsaturated); a grayscale view keeps only white and
+    black. `params` (from view.sample) default to a fresh draw from torch's RNG.
+    """
+    image = ds[i][0]
+    params = view.sample(image) if params is None else params
+    mask = ds.mask(i)                                                      # (S, S) copy ids
+    top, left, h, w = params["crop"]
+    inside = np.bincount(mask[top:top + h, left:left + w].ravel(), minlength=mask.max() + 1)
+    shape_shown = bool((inside[1:] >= 0.5 * np.bincount(mask.ravel())[1:]).any())
+    pixels = view.apply(image, params)                                     # (3, S', S')
+    pixels = pixels * torch.tensor(OPENAI_STD)[:, None, None] + torch.tensor(OPENAI_MEAN)[:, None, None]
+    where = TF.resized_crop(Image.fromarray(mask.astype(np.uint8)), top, left, h, w,
+                            [view.size, view.size], T.InterpolationMode.NEAREST)
+    where = torch.from_numpy(np.asarray(where) > 0)
+    where = where.flip(-1) if params["flip"] else where
+    if not where.any():
+        return False, shape_shown
+    rgb = (255 * pixels[:, where].clamp(0, 1)).median(dim=1).values.tolist()  # (3,)
+    return nearest_colour(rgb) == ds.scene(i)["colour"], shape_shown
+
+
+def declip_image_transform(size, flip=True):
+    """DeCLIP's image view at `size` px (see DeclipView)."""
+    return DeclipView(size, flip=flip)
 
 
 def clip_image_transform(size):

@@ -61,6 +61,8 @@ Left out: a separate bidirectional MLM pass, MLM on the augmented caption, the o
 per-GPU queues and NN(text_aug) term, any other self-supervision (MoCo, SimCSE).
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -69,6 +71,10 @@ import torch.nn.functional as F
 from losses import (SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT, all_gather_with_grad,
                     clip_loss, mlm_loss, siglip_loss, simsiam_loss)
 from nn_queue import NNQueue
+
+# How MLM gets its token features: from the contrastive pass over the masked caption (shared,
+# the official code), or from a pass of its own, causal or bidirectional (BERT's MLM).
+MLM_PASSES = ("shared", "separate", "bidirectional")
 
 
 def _rank_and_world():
@@ -165,10 +171,13 @@ class DeCLIP(nn.Module):
 
     def __init__(self, clip, alpha=0.2, beta=0.2, gamma=0.2, mvs=True, ss=True, nns=True,
                  loss="infonce", queue_size=65536, mask_id=None, vocab_size=None,
-                 weights="paper", mask_prob=0.15, sot_id=None, eot_id=None):
+                 weights="paper", mask_prob=0.15, sot_id=None, eot_id=None, mlm_pass="shared",
+                 logit_scale_init=None, logit_bias_init=None):
         super().__init__()
         if loss not in ("infonce", "siglip"):
             raise ValueError(f"DeCLIP: loss={loss!r}; use 'infonce' or 'siglip'")
+        if mlm_pass not in MLM_PASSES:
+            raise ValueError(f"DeCLIP: mlm_pass={mlm_pass!r}; use one of {', '.join(MLM_PASSES)}")
         if weights not in ("paper", "official"):
             raise ValueError(f"DeCLIP: weights={weights!r}; use 'paper' or 'official'")
         cfg = clip.config
@@ -179,7 +188,7 @@ class DeCLIP(nn.Module):
         self.clip = clip
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.mvs, self.ss, self.nns = mvs, ss, nns
-        self.loss, self.weights, self.mask_prob = loss, weights, mask_prob
+        self.loss, self.weights, self.mask_prob, self.mlm_pass = loss, weights, mask_prob, mlm_pass
         self.vocab_size = vocab_size
         self.mask_id = vocab_size - 1 if mask_id is None else mask_id
         eot_id = eot_id if eot_id is not None else cfg.get("eot_id", 49407)
@@ -192,9 +201,13 @@ class DeCLIP(nn.Module):
         if nns:
             self.queue = NNQueue(queue_size, cfg["embed_dim"])
         if loss == "siglip":
-            self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT))
+            bias = SIGLIP_LOGIT_BIAS_INIT if logit_bias_init is None else logit_bias_init
+            self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
+            if logit_scale_init is None:
+                logit_scale_init = math.exp(SIGLIP_LOGIT_SCALE_INIT)
+        if logit_scale_init is not None:  # the multiplier t; the parameter is log t
             with torch.no_grad():
-                clip.logit_scale.fill_(SIGLIP_LOGIT_SCALE_INIT)
+                clip.logit_scale.fill_(math.log(logit_scale_init))
 
     @torch.no_grad()
     def push_queue(self):
@@ -242,13 +255,20 @@ class DeCLIP(nn.Module):
             if masked is None:
                 masked = mask_tokens(ids, self.mask_id, self.vocab_size, self.special_ids,
                                      self.mask_prob)
-            ids, mlm_labels = masked
+            ids_masked, mlm_labels = masked
+            if self.mlm_pass == "shared":
+                ids = ids_masked
 
         images = torch.cat([img_view1, img_view2]) if two_images else img_view1   # (2B or B, ...)
         texts = torch.cat([ids, ids_aug]) if self.mvs else ids                     # (2B or B, L)
         e_img = self.clip.encode_image(images)                                     # (2B or B, D)
-        if self.ss:
-            # tokens: ln_final outputs (2B or B, L, W), for MLM
+        if self.ss and self.mlm_pass == "bidirectional":
+            e_txt = self.clip.encode_text(texts)                                   # (2B or B, D)
+            _, tokens = self.clip.encode_text(ids_masked, return_tokens=True, causal=False)
+        elif self.ss and self.mlm_pass == "separate":  # one causal call: the masked rows last
+            e_txt, tokens = self.clip.encode_text(torch.cat([texts, ids_masked]), return_tokens=True)
+            e_txt, tokens = e_txt[:len(texts)], tokens[len(texts):]                # (B, L, W)
+        elif self.ss:  # shared: the masked caption is also the contrastive one
             e_txt, tokens = self.clip.encode_text(texts, return_tokens=True)      # (2B or B, D)
         else:
             e_txt = self.clip.encode_text(texts)

@@ -17,18 +17,32 @@ function returns a str. `rng` is a random.Random, so a seeded rng gives the same
 
 Usage (data.py passes `augment` as `text_aug`, with a per-sample rng):
     import random, eda
-    eda.augment("A dog runs on the beach.", random.Random(4))  # 'A trail runs on the beach.'
+    eda.augment("A dog runs on the beach.", random.Random(8))  # 'A domestic dog runs on the beach.'
 
-Synonyms come from WordNet 3.0, offline: assets/synonyms.txt.gz (506,502 bytes; 44,127
-synsets with two or more lemmas, 60,874 single words that have a synonym, 3,794 irregular
-forms), licence in assets/LICENSE-wordnet.txt, rebuilt from WordNet's dictionary files by
-tools/build_synonyms.py. Two words are synonyms when they share a synset, across senses and
-parts of speech as in EDA (no sense disambiguation); multi-word lemmas are replacement
-candidates with '_' -> ' ' ("domestic dog"). The table loads lazily, once per process, on the
-first lookup (0.1 s on an idle core; call `load_synonyms()` before DataLoader workers fork).
-Inflected words ("dogs", "ran", "children") are looked up through their base forms with
-WordNet's own morphology: the irregular forms of its *.exc files and, for words that are not
-lemmas themselves, its suffix rules (morphy(7WN)). Synonyms go in uninflected, as in EDA.
+Synonyms come from WordNet 3.0, offline: assets/synonyms.txt.gz (400,316 bytes; 31,755
+synsets, 48,857 single words that have a synonym, 3,287 morphology lines), licence in
+assets/LICENSE-wordnet.txt, rebuilt from WordNet's dictionary files by tools/build_synonyms.py.
+A word's synonyms are the other lemmas of its *most common sense* only: the sense WordNet's
+semantic concordance tagged most often for it, over all parts of speech (all tied senses); a
+word never tagged keeps each part of speech where it has a single sense ("rhombus" -> "rhomb")
+and nothing where it has several. Multi-word lemmas are replacement candidates with '_' -> ' '
+("domestic dog"). The table loads lazily, once per process, on the first lookup (0.1 s on an
+idle core; call `load_synonyms()` before DataLoader workers fork). Inflected words ("dogs",
+"ran", "children") are looked up through their base forms with WordNet's own morphology: the
+irregular forms of its *.exc files and, for words that are not lemmas themselves, its suffix
+rules (morphy(7WN); the table marks lemmas such as "flower" that are no inflection of "flow").
+Synonyms go in uninflected, as in EDA.
+
+Where this departs from EDA, and why: EDA (Wei & Zou's get_synonyms) takes the lemmas of
+*every* synset of a word (NLTK's wordnet.synsets(word): all senses and parts of speech, no
+sense selection). For captions that is often another meaning: "green" -> "cat valium"
+(ketamine), "circle" -> "roofy" (flunitrazepam), "white" -> "caucasian", "star" -> "superstar".
+DeCLIP's text view t~ must stay a positive of its caption: it stands for the same image. So we
+keep the most common sense only. On the built-in data's colour and shape words, the share of
+SR replacements that no longer name the same colour or shape falls from 70% to 22%
+(test_synonym_replacement_keeps_colour_and_shape_meaning). What remains are words whose most
+common sense is not the visual one ("cross" is tagged 47 times as the verb "traverse", twice as
+the shape); telling those apart needs the caption's context, which EDA does not use either.
 
 Text handling, our choice: EDA lower-cases and keeps only a-z before augmenting. Our captions
 then meet a BPE tokenizer that lower-cases by itself, and digits, names and other scripts carry
@@ -47,12 +61,14 @@ Chinese caption without spaces is one token and comes back unchanged).
 
 Small departures from EDA's code: RI takes a random synonym of a random non-stop-word (as the
 paper says; the code takes the first synonym of any word) and may insert at the very end; RS
-always swaps two distinct positions. WordNet has no synonym at all for some common caption
-words ("beach", "shirt", "street" are one-lemma synsets): SR/RI pass over them, as EDA does.
+always swaps two distinct positions. Many common caption words have no synonym in their most
+common sense ("beach", "street", "tree", "white", "circle" are one-lemma synsets there): SR/RI
+pass over them, as EDA does for words without any synonym.
 
 Left out: EDA's scaling of n with caption length (alpha * words) and its `eda()` that writes
-several augmented sentences per input; part-of-speech tagging and sense disambiguation;
-re-inflecting synonyms. Standard library only.
+several augmented sentences per input; part-of-speech tagging and choosing a sense from the
+caption's context (the sense is chosen per word, by frequency); re-inflecting synonyms.
+Standard library only.
 """
 import gzip
 import os
@@ -87,15 +103,17 @@ SUFFIX_RULES = (
 # "^(\W*)(.*?)(\W*)$" match is quadratic on tokens like "a!!!...!!!b".
 _CORE = re.compile(r"\w(?:.*\w)?", re.S)
 
-_index = None       # word -> the synset lines (lemmas joined by spaces) that contain it
+_index = None       # word -> the synset lines (lemmas joined by spaces) it is a key of
 _exceptions = None  # irregular form -> its base forms
 
 
 def load_synonyms(path=TABLE_PATH):
     """Reads a table written by tools/build_synonyms.py; every later lookup uses it.
 
-    Returns the number of words that have synonyms. Synset lines are indexed whole and split
-    only when a word is looked up, which keeps loading at about a tenth of a second.
+    Returns the number of words that have synonyms. A synset line "keys | other lemmas" is
+    found through its keys (the words whose most common sense it is) and gives all its lemmas.
+    Lines are indexed whole and split only when a word is looked up, which keeps loading at
+    about a tenth of a second.
     """
     global _index, _exceptions
     if not os.path.exists(path):
@@ -112,9 +130,11 @@ def load_synonyms(path=TABLE_PATH):
                 form, *bases = line[2:].split(" ")
                 exceptions[form] = bases
                 continue
-            for word in line.split(" "):
-                if "_" not in word:  # a whitespace-split caption only holds single words
-                    index.setdefault(word, []).append(line)
+            keys, bar, _ = line.partition(" | ")
+            if bar:  # 'keys | others': every lemma is a synonym, only keys look the line up
+                line = line.replace(" | ", " ", 1)
+            for word in keys.split(" "):
+                index.setdefault(word, []).append(line)
     _index, _exceptions = index, exceptions
     return len(index)
 

@@ -1,35 +1,41 @@
-"""Two small studies on the built-in data in one command: DeCLIP's Table 4 ablation and the CLIP
-variants of the medium-scale study (its Figs. 3/4), every configuration on the same budget.
+"""The miniature reproductions on the built-in data, with statistics that can tell, in one command.
 
-    python study.py                       # the default study: 2 CPU cores, ~25 minutes
+    python study.py                       # the full study: 3 seeds, 2 CPU cores, < 60 minutes
     python study.py --quick               # a 1-minute smoke version, written to results/quick/
-    python study.py --seeds 3 --steps 250 --configs clip,declip
+    python study.py --seeds 5 --configs clip,declip --sizes 500,all
 
 (a) DeCLIP Table 4 (Li et al., ICLR 2022, Sec. 4.4; CC3M, RN50, ImageNet zero-shot top-1): the extra
     supervisions added cumulatively, CLIP 20.6 -> +MVS 24.8 -> +SS 25.4 -> +NNS (= DeCLIP) 27.2.
+    Here: the tiny ResNet (`--model tiny-rn`) on a data-limited set (`--train-size`, default 2,000
+    unique pairs seen ~10 times), since DeCLIP's claim is data efficiency.
 (b) The medium-scale study, Figs. 3/4 (CC3M, ViT-S/16): CLIP, FLIP (patch dropout 0.5), SigLIP,
-    SigFLIP and ToMe. Its text: SigLIP is best (+9 points top-1 over CLIP), FLIP and ToMe are below
-    CLIP; throughput over CLIP: FLIP +23%, ToMe +16%, the sigmoid loss another +1% (SigFLIP is
-    fastest).
-    ToMe here merges a constant r per block, chosen so that about half of the tiny ViT's 64 + 1
-    tokens are merged by the last block (`tome_r_for_half`: r = 11, 65 -> 54 -> 43 -> 32 tokens).
+    SigFLIP and ToMe, on the tiny ViT (`--model tiny`: patches to drop and merge), unlimited data.
+    Its text: SigLIP is best (+9 points top-1 over CLIP), FLIP and ToMe are below CLIP.
+    ToMe merges a constant r per block, chosen so that about half of the tiny ViT's 64 + 1 tokens
+    are merged by the last block (`tome_r_for_half`: r = 11, 65 -> 54 -> 43 -> 32 tokens).
+(c) DeCLIP Fig. 1 in miniature, a data-efficiency curve: zero-shot top-1 of CLIP and DeCLIP
+    against the number of unique training pairs (500, 2,000, 8,000, unlimited) at the same steps.
 
-Every run is `train.main([...])` in this process, one after another, seed-major (all configurations
-of seed 0, then seed 1, ...) so runs compared with each other ran close in time. Each run has its
-own folder `<out>/runs/<config>-s<seed>` and is started with `--resume auto`: re-running the study
-re-evaluates finished runs from their checkpoint instead of training them again (and finishes
-interrupted ones). A seed changes the initial weights, the data order, the augmentations and the
-built-in eval split (train.py evaluates on the split of its --seed), so configurations are compared
-*paired by seed*: same seed, same eval images.
+Every configuration gets the same steps, batch, learning rate and warm-up (train.py's defaults
+otherwise): nothing is tuned for one method. Every run is `train.main([...])` in this process,
+seed-major (all runs of seed 0, then seed 1, ...). A seed changes the initial weights, the data
+order, the augmentations and the built-in dataset itself (train and eval, `--data-seed`), so runs
+are compared *paired by seed*. Each run has its own folder `<out>/runs/<config>-<size>-s<seed>`
+and is started with `--resume auto`: re-running the study re-evaluates finished runs instead of
+training them again. A run shared by two groups (CLIP at 2,000 pairs is in (a) and (c)) runs once.
 
-Outputs in <out>: study.md (tables), study.json (every run and the aggregates), study.png (top-1
-with error bars and samples/s for both groups, drawn with Pillow) and nn_pairs.png (DeCLIP Fig. 9:
-captions and the nearest *other* caption the NN queue finds, from the DeCLIP run's checkpoint).
-Spread = sample standard deviation over seeds (n - 1 in the denominator); min-max are given too.
+Statistics: mean and 95% confidence interval over seeds (Student's t with n - 1 degrees of
+freedom: with 3 seeds the half-width is 2.48 standard deviations); a claim is checked on the
+per-seed (paired) differences: "holds" when their interval lies on the paper's side of 0,
+"reversed" when it lies on the other side, "inside the noise" when it contains 0.
 
-Left out: GPUs and DDP (train.py has them; this is a CPU study), pretrained towers (the study's
-Fig. 3 uses a DINO image tower; here everything starts from scratch), and learning-rate tuning per
-method: every configuration gets train.py's defaults and the same steps, batch and warm-up.
+Outputs in <out>: study.md (tables, verdicts), study.json (every run and the aggregates),
+study.png (top-1 with intervals, per group), curve.png (the data-efficiency curve) and
+nn_pairs.png (DeCLIP Fig. 9: captions and the nearest *other* caption the NN queue finds).
+
+Left out: GPUs and DDP (train.py has them; this is a CPU study), pretrained towers, per-method
+tuning, and speed (the samples/s of runs that shared the machine with others are not comparable:
+`python bench.py --only methods,declip` measures speed ratios side by side).
 """
 import argparse
 import json
@@ -42,69 +48,73 @@ import time
 
 from PIL import Image, ImageDraw, ImageFont
 
-# name -> (label, groups, train.py flags). CLIP is run once and shared by both groups.
+RN, VIT = ["--model", "tiny-rn"], ["--model", "tiny"]
+# name -> (label, train.py flags). CLIP and DeCLIP serve Table 4 and the curve.
 CONFIGS = {
-    "clip": ("CLIP", ("table4", "fig3"), ["--method", "clip"]),
-    "mvs": ("+MVS", ("table4",), ["--method", "declip", "--no-ss", "--no-nns"]),
-    "mvs_ss": ("+MVS+SS", ("table4",), ["--method", "declip", "--no-nns"]),
-    "declip": ("+MVS+SS+NNS (DeCLIP)", ("table4",), ["--method", "declip"]),
-    "flip": ("FLIP", ("fig3",), ["--method", "clip", "--patch-dropout", "0.5"]),
-    "siglip": ("SigLIP", ("fig3",), ["--method", "clip", "--loss", "siglip"]),
-    "sigflip": ("SigFLIP", ("fig3",), ["--method", "clip", "--loss", "siglip",
-                                       "--patch-dropout", "0.5"]),
-    "tome": ("ToMe", ("fig3",), ["--method", "clip", "--tome-r", "{tome_r}"]),
+    "clip": ("CLIP", RN + ["--method", "clip"]),
+    "mvs": ("+MVS", RN + ["--method", "declip", "--no-ss", "--no-nns"]),
+    "mvs_ss": ("+MVS+SS", RN + ["--method", "declip", "--no-nns"]),
+    "declip": ("+MVS+SS+NNS (DeCLIP)", RN + ["--method", "declip"]),
+    "clip_vit": ("CLIP (ViT)", VIT + ["--method", "clip"]),
+    "flip": ("FLIP", VIT + ["--method", "clip", "--patch-dropout", "0.5"]),
+    "siglip": ("SigLIP", VIT + ["--method", "clip", "--loss", "siglip"]),
+    "sigflip": ("SigFLIP", VIT + ["--method", "clip", "--loss", "siglip", "--patch-dropout", "0.5"]),
+    "tome": ("ToMe", VIT + ["--method", "clip", "--tome-r", "{tome_r}"]),
 }
+TABLE4 = ("clip", "mvs", "mvs_ss", "declip")
+FIG3 = ("clip_vit", "flip", "siglip", "sigflip", "tome")
+CURVE = ("clip", "declip")
 GROUPS = {
-    "table4": "(a) DeCLIP Table 4: supervisions added cumulatively",
-    "fig3": "(b) Medium-scale study Figs. 3/4: CLIP variants",
+    "table4": "(a) DeCLIP Table 4: supervisions added cumulatively (tiny ResNet, data-limited)",
+    "fig3": "(b) Medium-scale study Fig. 3: CLIP variants (tiny ViT, unlimited data)",
+    "curve": "(c) DeCLIP Fig. 1: zero-shot top-1 against unique training pairs",
 }
-# What the papers report (ImageNet zero-shot top-1 %; throughput relative to CLIP), per group.
-PAPER = {
-    "table4": {"clip": "20.6", "mvs": "24.8 (+4.2)", "mvs_ss": "25.4 (+4.8)",
-               "declip": "27.2 (+6.6)"},
-    "fig3": {"clip": "reference; 1.00x", "flip": "below CLIP; 1.23x",
-             "siglip": "best, +9 pts; 1.01x", "sigflip": "fastest, ~1.24x",
-             "tome": "below CLIP; 1.16x"},
-}
-# The papers' claims, checked pair by pair: (metric, a, b, sign of a - b the paper reports, text).
-CLAIMS = [
-    ("top1", "mvs", "clip", +1, "Table 4: MVS +4.2 pts over CLIP"),
-    ("top1", "mvs_ss", "mvs", +1, "Table 4: SS +0.6 pts on top of MVS"),
-    ("top1", "declip", "mvs_ss", +1, "Table 4: NNS +1.8 pts on top of MVS+SS"),
-    ("top1", "declip", "clip", +1, "Table 4: DeCLIP +6.6 pts over CLIP"),
-    ("top1", "siglip", "clip", +1, "Fig. 3: SigLIP +9 pts over CLIP"),
-    ("top1", "flip", "clip", -1, "Fig. 3: FLIP below CLIP"),
-    ("top1", "tome", "clip", -1, "Fig. 3: ToMe below CLIP"),
-    ("samples_per_s", "flip", "clip", +1, "Fig. 4: FLIP 1.23x CLIP"),
-    ("samples_per_s", "tome", "clip", +1, "Fig. 4: ToMe 1.16x CLIP"),
-    ("samples_per_s", "sigflip", "flip", +1, "Fig. 4: SigFLIP fastest (1.01x FLIP)"),
-]
-METRICS = ("top1", "top5", "samples_per_s")
-SPREAD = "std over seeds (sample std, n-1); min-max in brackets"
+# What the papers report (ImageNet zero-shot top-1 %).
+PAPER = {"clip": "20.6", "mvs": "24.8 (+4.2)", "mvs_ss": "25.4 (+4.8)", "declip": "27.2 (+6.6)",
+         "clip_vit": "reference", "flip": "below CLIP", "siglip": "best, +9 pts",
+         "sigflip": "", "tome": "below CLIP"}
+# The papers' claims: (config a, config b, sign of a - b the paper reports, text).
+CLAIMS_TABLE4 = [("mvs", "clip", +1, "Table 4: MVS +4.2 pts over CLIP"),
+                 ("mvs_ss", "mvs", +1, "Table 4: SS +0.6 pts on top of MVS"),
+                 ("declip", "mvs_ss", +1, "Table 4: NNS +1.8 pts on top of MVS+SS"),
+                 ("declip", "clip", +1, "Table 4: DeCLIP +6.6 pts over CLIP")]
+CLAIMS_FIG3 = [("siglip", "clip_vit", +1, "Fig. 3: SigLIP +9 pts over CLIP"),
+               ("flip", "clip_vit", -1, "Fig. 3: FLIP below CLIP"),
+               ("tome", "clip_vit", -1, "Fig. 3: ToMe below CLIP"),
+               ("sigflip", "flip", +1, "Fig. 3: the sigmoid loss helps FLIP too")]
+METRICS = ("top1", "top5", "colour", "shape")
+# Student's t, 97.5% quantile, by degrees of freedom (1.96 beyond the table)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="1-minute smoke version (10 steps, batch 16, 1 seed) into results/quick")
+                   help="1-minute smoke version (3 steps, batch 8, 1 seed) into results/quick")
     p.add_argument("--out", default=None, help="default: results (results/quick with --quick)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
     p.add_argument("--seeds", default=None,
-                   help="number of seeds (2 -> seeds 0,1) or a comma list (0,5); default 2")
-    p.add_argument("--steps", type=int, default=None, help="default 150 (10 with --quick)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 64 (16 with --quick)")
+                   help="number of seeds (3 -> seeds 0,1,2) or a comma list (0,5); default 3")
+    p.add_argument("--steps", type=int, default=None, help="default 300 (3 with --quick)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (8 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="default: steps // 8")
+    p.add_argument("--table4-size", type=int, default=None,
+                   help="unique pairs of Table 4's runs (default 2000; 64 with --quick)")
+    p.add_argument("--sizes", default=None,
+                   help="the curve's unique pairs, 'all' = unlimited (default 500,2000,8000,all)")
     p.add_argument("--eval-size", type=int, default=None,
-                   help="built-in eval images (default 960 = 20 per class; 96 with --quick)")
+                   help="built-in eval images (default 840 = 20 per class; 42 with --quick)")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes per run")
     p.add_argument("--nn-captions", type=int, default=None,
-                   help="captions in the NN queue of nn_pairs.png (default 4096; 512 --quick)")
+                   help="captions in the NN queue of nn_pairs.png (default 4096; 64 --quick)")
     args = p.parse_args(argv)
     args.argv = argv
-    defaults = (dict(steps=10, batch_size=16, seeds="1", eval_size=96, nn_captions=512)
-                if args.quick else
-                dict(steps=150, batch_size=64, seeds="2", eval_size=960, nn_captions=4096))
+    defaults = (dict(steps=3, batch_size=8, seeds="1", eval_size=42, nn_captions=64,
+                     table4_size=64, sizes="64,all") if args.quick else
+                dict(steps=300, batch_size=64, seeds="3", eval_size=840, nn_captions=4096,
+                     table4_size=2000, sizes="500,2000,8000,all"))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -112,6 +122,7 @@ def get_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 8)
     args.seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
                   else list(range(int(args.seeds))))
+    args.sizes = [None if s == "all" else int(s) for s in args.sizes.split(",") if s]
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown or not args.configs or not args.seeds:
@@ -120,43 +131,73 @@ def get_args(argv=None):
     return args
 
 
+def plan(args):
+    """The study's runs as {group: [run id]}; a run id is '<config>-<size>' (size 'all': unlimited)."""
+    def rid(name, size):
+        return f"{name}-{'all' if size is None else size}"
+    groups = {"table4": [rid(n, args.table4_size) for n in TABLE4 if n in args.configs],
+              "fig3": [rid(n, None) for n in FIG3 if n in args.configs],
+              "curve": [rid(n, s) for n in CURVE if n in args.configs for s in args.sizes]}
+    return {g: ids for g, ids in groups.items() if ids}
+
+
+def split_id(run_id):
+    name, size = run_id.rsplit("-", 1)
+    return name, None if size == "all" else int(size)
+
+
 # ----------------------------------------------------------------------------- numbers
 
 def summarize(values):
-    """mean, sample std (0 for one value), min, max of a list of numbers."""
+    """mean, sample std (0 for one value), 95% interval half-width, min, max of numbers."""
     values = [float(v) for v in values]
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values), "values": values}
+    n = len(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    t = T975.get(n - 1) or next((T975[k] for k in sorted(T975, reverse=True) if k <= n - 1), 1.96)
+    return {"mean": statistics.fmean(values), "std": std,
+            "ci95": t * std / math.sqrt(n) if n > 1 else math.inf,
+            "min": min(values), "max": max(values), "n": n, "values": values}
 
 
 def paired(runs_a, runs_b, metric):
-    """Per-seed differences a - b (and ratios a / b) over the seeds both configurations ran."""
+    """Per-seed differences a - b over the seeds both configurations ran."""
     a, b = {r["seed"]: r[metric] for r in runs_a}, {r["seed"]: r[metric] for r in runs_b}
-    seeds = sorted(set(a) & set(b))
-    return [a[s] - b[s] for s in seeds], [a[s] / b[s] if b[s] else math.nan for s in seeds]
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
 def check_claim(configs, metric, a, b, sign, text):
-    """Does the paper's ordering of a against b hold here? Counted per seed (paired)."""
-    diffs, ratios = paired(configs[a]["runs"], configs[b]["runs"], metric)
+    """Does the paper's ordering of a against b hold here? 95% interval of paired differences."""
+    diffs = paired(configs[a]["runs"], configs[b]["runs"], metric)
     if not diffs:
         return None
     d = summarize(diffs)
-    n = len(diffs)
-    agree, against = sum(x * sign > 0 for x in diffs), sum(x * sign < 0 for x in diffs)
-    if agree == n:
-        verdict = "holds (every seed)"
-    elif against == n:
-        verdict = "does NOT hold (every seed)"
-    elif d["mean"] * sign > 0:
-        verdict = f"holds on average only ({agree}/{n} seeds agree): within seed noise"
-    elif d["mean"] * sign < 0:
-        verdict = f"does not hold on average ({agree}/{n} seeds agree): within seed noise"
+    lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+    agree = sum(x * sign > 0 for x in diffs)
+    if sign * lo > 0 and sign * hi > 0:
+        verdict = "holds"
+    elif sign * lo < 0 and sign * hi < 0:
+        verdict = "reversed"
     else:
-        verdict = f"no difference ({agree}/{n} seeds agree, {against} disagree)"
+        verdict = "inside the noise"
     return {"metric": metric, "a": a, "b": b, "paper": text, "diff": d,
-            "ratio": summarize(ratios), "seeds_agreeing": agree, "verdict": verdict}
+            "seeds_agreeing": agree, "verdict": f"{verdict} ({agree}/{len(diffs)} seeds agree)"}
+
+
+def claims_of(args, groups):
+    """The claims the planned runs can check, with run ids in place of config names."""
+    ids = {i for g in groups.values() for i in g}
+    out = []
+    for a, b, sign, text in CLAIMS_TABLE4:
+        a_id, b_id = f"{a}-{args.table4_size}", f"{b}-{args.table4_size}"
+        out.append((a_id, b_id, sign, text))
+    for a, b, sign, text in CLAIMS_FIG3:
+        out.append((f"{a}-all", f"{b}-all", sign, text))
+    for s in args.sizes:
+        size = "all" if s is None else s
+        where = "unlimited pairs" if s is None else f"{s} unique pairs"
+        out.append((f"declip-{size}", f"clip-{size}", +1, f"Fig. 1: DeCLIP above CLIP at {where}"))
+    unique = list(dict.fromkeys(out))
+    return [c for c in unique if c[0] in ids and c[1] in ids]
 
 
 def tome_r_for_half(n_tokens=65, layers=3):
@@ -174,11 +215,13 @@ def log_every(args):
     return max(1, args.steps // 10)
 
 
-def run_one(args, name, seed, tome_r):
-    """Train (or, if finished, re-evaluate) one configuration; returns its result row."""
+def run_one(args, run_id, seed, tome_r):
+    """Train (or, if finished, re-evaluate) one run; returns its result row."""
     import train
-    out = os.path.join(args.out, "runs", f"{name}-s{seed}")
-    flags = [f.format(tome_r=tome_r) for f in CONFIGS[name][2]]
+    name, size = split_id(run_id)
+    out = os.path.join(args.out, "runs", f"{run_id}-s{seed}")
+    flags = [f.format(tome_r=tome_r) for f in CONFIGS[name][1]]
+    flags += [] if size is None else ["--train-size", str(size)]
     budget = ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
               "--warmup", str(args.warmup), "--seed", str(seed)]
     # a folder trained with other settings must not be silently continued or re-used
@@ -196,92 +239,83 @@ def run_one(args, name, seed, tome_r):
                              str(args.eval_size), "--workers", str(args.workers),
                              "--log-every", str(log_every(args)),
                              "--save-every", str(args.steps)]
-    print(f"\n=== {name} seed {seed}: train.py {' '.join(argv)}", flush=True)
+    print(f"\n=== {run_id} seed {seed}: train.py {' '.join(argv)}", flush=True)
     t0 = time.time()
     result = train.main(argv)
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    # train.py's own figure covers the whole run, so one burst of load elsewhere on the machine
-    # moves it a lot; the median of its logged windows (steps // 10 steps each) hardly moves.
-    windows = [r["samples_per_s"] for r in records if "samples_per_s" in r]
     trained = [r["final"] for r in records if r.get("final", {}).get("samples_per_s", 0) > 0]
-    row = {"seed": seed, "top1": result["top1"], "top5": result["top5"], "n": result["n"],
-           "samples_per_s": statistics.median(windows) if windows else math.nan,
-           # a finished run resumed with --resume auto trains 0 steps and reports 0 samples/s:
-           # its speed is in the log of the run that trained it
-           "resumed": result["samples_per_s"] == 0,
-           "samples_per_s_whole_run": trained[-1]["samples_per_s"] if trained else math.nan,
-           "train_seconds": trained[-1]["train_seconds"] if trained else math.nan,
-           "wall_seconds": time.time() - t0, "output": out}
-    return row
+    return {"seed": seed, **{m: result[m] for m in METRICS}, "n": result["n"],
+            # a finished run resumed with --resume auto trains 0 steps: its time is in its log
+            "resumed": result["samples_per_s"] == 0,
+            "train_seconds": trained[-1]["train_seconds"] if trained else math.nan,
+            "wall_seconds": time.time() - t0, "output": out}
 
 
-def aggregate(runs_by_config):
-    """{name: [rows]} -> {name: {label, groups, runs, top1/top5/samples_per_s summaries}}."""
+def aggregate(runs_by_id):
+    """{run id: [rows]} -> {run id: {label, size, runs, summaries of METRICS}}."""
     configs = {}
-    for name, runs in runs_by_config.items():
-        label, groups, flags = CONFIGS[name]
-        configs[name] = {"label": label, "groups": list(groups), "flags": flags, "runs": runs,
-                         **{m: summarize([r[m] for r in runs]) for m in METRICS}}
+    for run_id, runs in runs_by_id.items():
+        name, size = split_id(run_id)
+        configs[run_id] = {"label": CONFIGS.get(name, (name,))[0], "name": name, "size": size,
+                           "runs": runs, **{m: summarize([r[m] for r in runs]) for m in METRICS}}
     return configs
 
 
 # ----------------------------------------------------------------------------- report
 
 def pct(s):
-    return (f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} "
-            f"[{100 * s['min']:.1f}–{100 * s['max']:.1f}]")
+    ci = f"{100 * s['ci95']:.1f}" if math.isfinite(s["ci95"]) else "–"
+    return f"{100 * s['mean']:.1f} ± {ci}"
 
 
 def markdown(report):
-    st, configs = report["settings"], report["configs"]
+    st, configs, groups = report["settings"], report["configs"], report["groups"]
     runs = [r for c in configs.values() for r in c["runs"]]
     n_runs, n_reused = len(runs), sum(r["resumed"] for r in runs)
     lines = [
-        "# Study: DeCLIP Table 4 and the medium-scale study's Figs. 3/4 on the built-in data", "",
-        f"`{report['command']}` — {len(st['seeds'])} seed(s) {st['seeds']}, {st['steps']} steps "
-        f"x batch {st['batch_size']} ({st['steps'] * st['batch_size']} samples, warm-up "
-        f"{st['warmup']}), tiny ViT on CPU, zero-shot on {st['eval_size']} built-in eval images "
-        f"(48 classes, chance 2.1% top-1). This invocation: {report['wall_seconds'] / 60:.1f} min "
-        f"wall time, {n_reused} of {n_runs} runs re-used from an earlier one (re-evaluated, not "
-        f"trained); training time summed over all runs as first trained: "
-        f"{report['train_seconds_total'] / 60:.1f} min; 1-min load average at the start / end "
-        f"{report['load_average'][0]:.1f} / {report['load_average'][1]:.1f} on "
-        f"{os.cpu_count()} cores.", "",
-        f"Numbers: mean ± {SPREAD}. ToMe: r = {st['tome_r']} per block "
-        f"({' -> '.join(map(str, [65] + st['tome_tokens']))} tokens).", "",
-        "samples/s are per-run wall-clock figures (data loading included) measured inside the "
-        "study, one run after another, so machine load moves them: each is the median of the "
-        f"run's {st['steps'] // st['log_every']} logged windows of {st['log_every']} steps "
-        "(study.json also has train.py's whole-run figure). `python bench.py --only "
-        "methods,declip` measures the speed ratios side by side (interleaved), which is the "
-        "figure to quote.", ""]
-    for group, title in GROUPS.items():
-        names = [n for n in configs if group in configs[n]["groups"]]
-        if not names:
+        "# Study: DeCLIP Table 4 and Fig. 1, and the medium-scale study's Fig. 3, in miniature", "",
+        f"`{report['command']}` — {len(st['seeds'])} seed(s) {st['seeds']}, every run "
+        f"{st['steps']} steps x batch {st['batch_size']} ({st['steps'] * st['batch_size']} "
+        f"samples, warm-up {st['warmup']}, lr and everything else train.py's defaults), CPU; "
+        f"zero-shot on {st['eval_size']} built-in eval images (42 classes = 7 colours x 6 shapes, "
+        f"chance 2.4% top-1, colour 14.3%, shape 16.7%). This invocation: "
+        f"{report['wall_seconds'] / 60:.1f} min wall time, {n_reused} of {n_runs} runs re-used "
+        f"from an earlier one; training time summed over all runs as first trained: "
+        f"{report['train_seconds_total'] / 60:.1f} min.", "",
+        "Numbers: mean ± 95% confidence interval over seeds (Student's t). Colour and shape: "
+        "the fraction of images whose top-1 class has the right colour / the right shape.", ""]
+    for group, ids in groups.items():
+        lines += [f"## {GROUPS[group]}", ""]
+        if group == "curve":
+            sizes = list(dict.fromkeys(configs[i]["size"] for i in ids))
+            names = list(dict.fromkeys(configs[i]["name"] for i in ids))
+            lines += ["| unique pairs | " + " | ".join(CONFIGS[n][0] + " top-1 %" for n in names)
+                      + " | " + " | ".join(CONFIGS[n][0] + " shape %" for n in names) + " |",
+                      "|---" * (1 + 2 * len(names)) + "|"]
+            for size in sizes:
+                row = [configs[f"{n}-{'all' if size is None else size}"] for n in names]
+                lines.append(f"| {'unlimited' if size is None else size} | "
+                             + " | ".join(pct(c["top1"]) for c in row) + " | "
+                             + " | ".join(pct(c["shape"]) for c in row) + " |")
+            lines += ["", "![curve](curve.png)", ""]
             continue
-        lines += [f"## {title}", "",
-                  "| config | zero-shot top-1 % | top-5 % | samples/s | vs CLIP "
-                  "| paper (ImageNet top-1 %; speed) |",
-                  "|---|---|---|---|---|---|"]
-        ref = configs.get("clip", {}).get("samples_per_s", {}).get("mean")
-        for n in names:
-            c = configs[n]
-            sps = c["samples_per_s"]
-            rel = f"{sps['mean'] / ref:.2f}x" if ref else "–"
+        lines += ["| config | zero-shot top-1 % | top-5 % | colour % | shape % | per seed (top-1) "
+                  "| paper (ImageNet top-1 %) |", "|---|---|---|---|---|---|---|"]
+        for i in ids:
+            c = configs[i]
+            seeds = " / ".join(f"{100 * v:.1f}" for v in c["top1"]["values"])
             lines.append(f"| {c['label']} | {pct(c['top1'])} | {pct(c['top5'])} | "
-                         f"{sps['mean']:.0f} ± {sps['std']:.0f} | {rel} | {PAPER[group][n]} |")
+                         f"{pct(c['colour'])} | {pct(c['shape'])} | {seeds} | {PAPER[c['name']]} |")
         lines.append("")
     if report["claims"]:
-        lines += ["## Does the papers' ordering hold at this scale?", "",
-                  "Paired by seed (same seed = same init, data order and eval images); "
-                  "difference a − b as mean ± std over seeds.", "",
+        lines += ["## Do the papers' claims hold at this scale?", "",
+                  "Paired by seed (same seed = same init, data, data order and eval images); "
+                  "difference a − b in top-1 points, mean and 95% interval.", "",
                   "| paper says | here | verdict |", "|---|---|---|"]
         for c in report["claims"]:
             d = c["diff"]
-            here = (f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} pts top-1"
-                    if c["metric"] == "top1" else
-                    f"{c['ratio']['mean']:.2f}x ± {c['ratio']['std']:.2f} samples/s")
-            lines.append(f"| {c['paper']} | {here} | {c['verdict']} |")
+            ci = f"{100 * d['ci95']:.1f}" if math.isfinite(d["ci95"]) else "–"
+            lines.append(f"| {c['paper']} | {100 * d['mean']:+.1f} ± {ci} | {c['verdict']} |")
         lines.append("")
     nn = report.get("nn_pairs")
     if nn:
@@ -292,20 +326,7 @@ def markdown(report):
                   f"The neighbour names the same colour and shape (the class) for "
                   f"{100 * nn['same_class']:.0f}% of the queries, the same colour for "
                   f"{100 * nn['same_colour']:.0f}%, the same shape for "
-                  f"{100 * nn['same_shape']:.0f}%; mean cosine {nn['mean_cosine']:.3f}. "
-                  "(Training pushes the *masked* captions' features with the weights of their "
-                  "step; this picture uses the final weights and unmasked captions.)", ""]
-    sig = report.get("siglip_init")
-    if sig and configs["siglip"]["top1"]["mean"] < configs.get("clip", {}).get("top1", {}).get(
-            "mean", 0):
-        lines += ["## Why SigLIP fails here", "",
-                  "train.py's SigLIP starts from the paper's t = 10, b = −10, an init chosen for "
-                  "batches of 16k–32k (almost every pair is a negative). At batch 64 the loss "
-                  "goes flat early and after training the bias is still "
-                  f"{sig['logit_bias']:.3f} and the scale {sig['logit_scale']:.2f} "
-                  f"(SigLIP seed {sig['seed']}): at this budget the result says more about that "
-                  "init than about the sigmoid loss (b = −log(B − 1) would start a batch of B "
-                  "balanced; it is not a flag of train.py).", ""]
+                  f"{100 * nn['same_shape']:.0f}%; mean cosine {nn['mean_cosine']:.3f}.", ""]
     lines += ["![study](study.png)", ""]
     return "\n".join(lines)
 
@@ -317,9 +338,9 @@ def font(size):
         return ImageFont.load_default()
 
 
-BAR = (70, 110, 190)
-BAR_SPS = (225, 140, 50)
+BAR, BAR_SHAPE = (70, 110, 190), (225, 140, 50)
 INK, GRID, DOT = (30, 30, 30), (220, 220, 220), (20, 20, 20)
+LINES = {"clip": (70, 110, 190), "declip": (200, 60, 50)}
 
 
 def _nice_max(x):
@@ -330,13 +351,18 @@ def _nice_max(x):
     return next(m * k for m in (1, 2, 2.5, 5, 10) if m * k >= x)
 
 
+def _half_width(s):
+    return s["ci95"] if math.isfinite(s["ci95"]) else 0.0
+
+
 def _bar_panel(draw, box, title, items, key, scale, colour, fmt):
-    """Bars with mean ± std error bars and one dot per seed; returns {label: bar rectangle}."""
+    """Bars with mean ± 95% interval and one dot per seed; returns {label: bar rectangle}."""
     x0, y0, x1, y1 = box
     f, fs = font(14), font(12)
     draw.text((x0, y0), title, fill=INK, font=f)
     top, bottom, left = y0 + 28, y1 - 36, x0 + 44
-    vmax = _nice_max(max(it[key]["max"] * scale for it in items) * 1.05)
+    vmax = _nice_max(max(max(it[key]["max"], it[key]["mean"] + _half_width(it[key]))
+                         for it in items) * scale * 1.05)
     for k in range(6):  # horizontal grid and tick labels
         v = vmax * k / 5
         y = bottom - (bottom - top) * k / 5
@@ -348,11 +374,11 @@ def _bar_panel(draw, box, title, items, key, scale, colour, fmt):
     for i, it in enumerate(items):
         s = it[key]
         cx = left + slot * (i + 0.5)
-        to_y = lambda v: bottom - (bottom - top) * v * scale / vmax  # noqa: E731
+        to_y = lambda v: bottom - (bottom - top) * max(0.0, v) * scale / vmax  # noqa: E731
         rect = (round(cx - width / 2), round(to_y(s["mean"])), round(cx + width / 2), bottom)
         draw.rectangle(rect, fill=colour)
         rects[it["label"]] = rect
-        lo, hi = to_y(s["mean"] - s["std"]), to_y(s["mean"] + s["std"])
+        lo, hi = to_y(s["mean"] - _half_width(s)), to_y(s["mean"] + _half_width(s))
         draw.line((cx, lo, cx, hi), fill=INK, width=2)
         for y in (lo, hi):
             draw.line((cx - 6, y, cx + 6, y), fill=INK, width=2)
@@ -369,33 +395,77 @@ def _bar_panel(draw, box, title, items, key, scale, colour, fmt):
 
 
 def draw_chart(groups, path, note=""):
-    """groups: [(title, [{"label", "top1": summary, "samples_per_s": summary}, ...]), ...].
+    """groups: [(title, [{"label", "top1": summary, "shape": summary}, ...]), ...].
 
-    One row per group: zero-shot top-1 (%) on the left, samples/s on the right, bars = mean,
-    error bars = ± std over seeds, dots = single seeds. Returns {(group, metric, label): rect}.
+    One row per group: zero-shot top-1 (%) on the left, shape accuracy (%) on the right, bars =
+    mean, error bars = 95% interval over seeds, dots = single seeds. Returns
+    {(group, metric, label): rect}.
     """
     W, row_h, head = 1300, 340, 40
     img = Image.new("RGB", (W, head + row_h * len(groups) + 24), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((12, 10), "Zero-shot top-1 (mean ± std over seeds, dots = seeds) and training "
-              "samples/s (wall-clock, per run)", fill=INK, font=font(16))
+    draw.text((12, 10), "Zero-shot top-1 and shape accuracy (mean ± 95% interval over seeds, "
+              "dots = seeds)", fill=INK, font=font(16))
     rects = {}
     for g, (title, items) in enumerate(groups):
         y0 = head + g * row_h
         draw.text((12, y0 + 4), title, fill=INK, font=font(15))
         halves = [(12, y0 + 30, W // 2 - 20, y0 + row_h - 6),
                   (W // 2 + 10, y0 + 30, W - 14, y0 + row_h - 6)]
-        panels = [("zero-shot top-1 (%)", "top1", 100, BAR, lambda v: f"{v:.1f}"),
-                  ("training samples/s (median of logged windows)", "samples_per_s", 1, BAR_SPS,
-                   lambda v: f"{v:.0f}")]
-        for box, (name, key, scale, colour, fmt) in zip(halves, panels):
-            for label, rect in _bar_panel(draw, box, name, items, key, scale, colour,
-                                          fmt).items():
+        panels = [("zero-shot top-1 (%)", "top1", BAR), ("shape right (%)", "shape", BAR_SHAPE)]
+        for box, (name, key, colour) in zip(halves, panels):
+            for label, rect in _bar_panel(draw, box, name, items, key, 100, colour,
+                                          lambda v: f"{v:.1f}").items():
                 rects[(g, key, label)] = rect
     if note:
         draw.text((12, img.height - 20), note, fill=(90, 90, 90), font=font(12))
     img.save(path)
     return rects
+
+
+def draw_curve(configs, ids, path, note=""):
+    """DeCLIP Fig. 1 in miniature: top-1 (mean, 95% interval) against unique training pairs,
+    log-spaced, 'unlimited' at the right end. Returns {(name, size): (x, y)} of the points."""
+    W, H, left, right, top, bottom = 760, 460, 70, 30, 50, 70
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((12, 10), "Zero-shot top-1 against unique training pairs (mean ± 95% interval)",
+              fill=INK, font=font(16))
+    sizes = sorted({configs[i]["size"] for i in ids}, key=lambda s: math.inf if s is None else s)
+    xs = {s: left + (W - left - right) * (k + 0.5) / len(sizes) for k, s in enumerate(sizes)}
+    vmax = _nice_max(max(configs[i]["top1"]["max"] for i in ids) * 100 * 1.05)
+    to_y = lambda v: H - bottom - (H - bottom - top) * max(0.0, v) * 100 / vmax  # noqa: E731
+    for k in range(6):
+        y = H - bottom - (H - bottom - top) * k / 5
+        draw.line((left, y, W - right, y), fill=GRID)
+        draw.text((12, y - 7), f"{vmax * k / 5:g}", fill=INK, font=font(12))
+    for s, x in xs.items():
+        draw.text((x, H - bottom + 8), "unlimited" if s is None else f"{s:,}", fill=INK,
+                  font=font(12), anchor="ma")
+    draw.text((W // 2, H - 28), "unique training pairs (same steps for every point)", fill=INK,
+              font=font(12), anchor="ma")
+    points = {}
+    for k, name in enumerate(dict.fromkeys(configs[i]["name"] for i in ids)):
+        colour = LINES.get(name, DOT)
+        pts = []
+        for s in sizes:
+            run_id = f"{name}-{'all' if s is None else s}"
+            if run_id not in configs:
+                continue
+            t = configs[run_id]["top1"]
+            x, y = xs[s] + (k - 0.5) * 8, to_y(t["mean"])
+            lo, hi = to_y(t["mean"] - _half_width(t)), to_y(t["mean"] + _half_width(t))
+            draw.line((x, lo, x, hi), fill=colour, width=2)
+            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+            pts.append((x, y))
+            points[(name, s)] = (x, y)
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        draw.text((left + 10, top + 4 + 18 * k), CONFIGS[name][0], fill=colour, font=font(14))
+    if note:
+        draw.text((12, H - 14), note, fill=(90, 90, 90), font=font(11))
+    img.save(path)
+    return points
 
 
 # ----------------------------------------------------------------------------- NN pairs (Fig. 9)
@@ -436,7 +506,7 @@ def nn_pairs(checkpoint, path, n_captions=4096, n_queries=512, n_show=8, batch=5
     # nearest() returns stored features: find the slot each came from (first exact match)
     nn_idx = [int((queue.feats == z).all(1).nonzero()[0]) for z in z_txt_nn]  # Q slot indices
     cos = (z_txt * z_txt_nn).sum(-1).tolist()                             # (Q,)
-    n_shapes = len(data.SHAPES)
+    n_shapes = base.n_shapes
     same = {"class": 0, "colour": 0, "shape": 0}
     for q, j in zip(queries, nn_idx):
         a, b = base.label(q), base.label(j)
@@ -516,53 +586,48 @@ def main(argv=None):
 def _study(args, t0, load_start):
     import tome
     tome_r = tome_r_for_half(65, 3)
-    runs = {name: [] for name in args.configs}
+    groups = plan(args)
+    ids = list(dict.fromkeys(i for g in groups.values() for i in g))  # shared runs once
+    runs = {i: [] for i in ids}
     for seed in args.seeds:  # seed-major: the runs compared with each other run close in time
-        for name in args.configs:
-            runs[name].append(run_one(args, name, seed, tome_r))
+        for run_id in ids:
+            runs[run_id].append(run_one(args, run_id, seed, tome_r))
     configs = aggregate(runs)
-    claims = [c for c in (check_claim(configs, *claim) for claim in CLAIMS
-                          if claim[1] in configs and claim[2] in configs) if c]
+    claims = [c for c in (check_claim(configs, "top1", *claim)
+                          for claim in claims_of(args, groups)) if c]
     nn = None
-    if "declip" in configs:
-        ckpt = os.path.join(configs["declip"]["runs"][0]["output"], "checkpoint.pt")
+    declip_runs = [i for i in ids if split_id(i)[0] == "declip"]
+    if declip_runs:
+        ckpt = os.path.join(configs[declip_runs[-1]]["runs"][0]["output"], "checkpoint.pt")
         nn = nn_pairs(ckpt, os.path.join(args.out, "nn_pairs.png"),
                       n_captions=args.nn_captions, n_queries=min(512, args.nn_captions))
-    sig = None
-    if "siglip" in configs:  # the learnt temperature and bias explain SigLIP's result here
-        import torch
-        run = configs["siglip"]["runs"][0]
-        state = torch.load(os.path.join(run["output"], "checkpoint.pt"), map_location="cpu",
-                           weights_only=False)["model"]
-        sig = {"seed": run["seed"], "logit_bias": float(state["logit_bias"]),
-               "logit_scale": float(state["clip.logit_scale"].exp())}
     report = {
         "command": " ".join(["python study.py", *(sys.argv[1:] if args.argv is None
                                                    else args.argv)]),
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
                      "warmup": args.warmup, "eval_size": args.eval_size,
-                     "workers": args.workers, "log_every": log_every(args), "tome_r": tome_r,
-                     "tome_tokens": tome.remaining_tokens(65, [tome_r] * 3), "spread": SPREAD,
-                     "samples_per_s": "per-run wall-clock, median of logged windows "
-                                      "(load-dependent); see bench.py"},
-        "groups": {g: [n for n in configs if g in configs[n]["groups"]] for g in GROUPS},
-        "configs": configs, "claims": claims, "nn_pairs": nn, "siglip_init": sig,
+                     "table4_size": args.table4_size, "sizes": args.sizes,
+                     "workers": args.workers, "tome_r": tome_r,
+                     "tome_tokens": tome.remaining_tokens(65, [tome_r] * 3)},
+        "groups": groups, "configs": configs, "claims": claims, "nn_pairs": nn,
         "wall_seconds": time.time() - t0,
         "train_seconds_total": sum(r["train_seconds"] for c in configs.values()
-                                   for r in c["runs"]),
+                                   for r in c["runs"] if math.isfinite(r["train_seconds"])),
         "load_average": [load_start, os.getloadavg()[0]],
     }
-    chart = [(GROUPS[g], [configs[n] for n in names])
-             for g, names in report["groups"].items() if names]
-    draw_chart(chart, os.path.join(args.out, "study.png"),
-               note=f"{args.steps} steps x batch {args.batch_size}, seeds {args.seeds}, tiny ViT, "
-                    f"CPU; samples/s are per-run wall-clock figures (bench.py measures ratios)")
+    note = f"{args.steps} steps x batch {args.batch_size}, seeds {args.seeds}, CPU"
+    bars = [(GROUPS[g], [configs[i] for i in group_ids])
+            for g, group_ids in groups.items() if g != "curve"]
+    if bars:
+        draw_chart(bars, os.path.join(args.out, "study.png"), note=note)
+    if "curve" in groups:
+        draw_curve(configs, groups["curve"], os.path.join(args.out, "curve.png"), note=note)
     with open(os.path.join(args.out, "study.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(report, f, indent=1, default=lambda x: None)
     with open(os.path.join(args.out, "study.md"), "w") as f:
         f.write(markdown(report))
     print("\n" + markdown(report))
-    print(f"wrote {args.out}/study.md, study.json, study.png"
+    print(f"wrote {args.out}/study.md, study.json, study.png, curve.png"
           + (", nn_pairs.png" if nn else "") + f" in {report['wall_seconds'] / 60:.1f} min")
     return report
 

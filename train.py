@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import eda
-from declip import DeCLIP
+from declip import MLM_PASSES, DeCLIP
 import eval_zeroshot
 from bert import WordPieceTokenizer
 from clip import PRESETS as PRESETS_CLIP
@@ -42,6 +42,7 @@ from losses import clamp_logit_scale_
 from pretrained import create_model, lock_tower, param_groups, train_mode
 from tokenizer import Tokenizer
 
+DEMO_STEPS = 400
 # Settings of the papers, one flag each. Flags given on the command line override them.
 PRESETS = {
     # DeCLIP's CC3M ablation (Table 4): RN50, global batch 1024 (128 x 8 GPUs), 32 epochs; the
@@ -67,12 +68,22 @@ def get_args(argv=None):
     p.add_argument("--no-ss", dest="ss", action="store_false", help="DeCLIP without SimSiam + MLM")
     p.add_argument("--no-nns", dest="nns", action="store_false", help="DeCLIP without the NN queue")
     p.add_argument("--loss", choices=["infonce", "siglip"], default="infonce")
+    p.add_argument("--logit-scale-init", type=float, default=None,
+                   help="initial multiplier t (default: 1/0.07 for infonce, 10 for siglip)")
+    p.add_argument("--logit-bias-init", type=float, default=None,
+                   help="siglip: initial bias b (default: -log(global batch); the SigLIP paper's "
+                        "-10 is -log of its 32k batch)")
+    p.add_argument("--mlm-pass", choices=list(MLM_PASSES), default="shared",
+                   help="DeCLIP's MLM: on the contrastive pass over the masked caption (shared, "
+                        "the official code), or a pass of its own (separate: causal; "
+                        "bidirectional: BERT-style)")
     p.add_argument("--alpha", type=float, default=0.2, help="weight of L_ISS + L_TSS")
     p.add_argument("--beta", type=float, default=0.2, help="weight of L_MVS")
     p.add_argument("--gamma", type=float, default=0.2, help="weight of L_NNS")
-    p.add_argument("--queue-size", type=int, default=8192,
-                   help="NN queue length (the paper: 65,536 for batch 1024+)")
-    p.add_argument("--model", default="tiny", choices=list(PRESETS_CLIP))
+    p.add_argument("--queue-size", type=int, default=None,
+                   help="NN queue length (the paper: 65,536 at batch 1024+); default: the "
+                        "samples of the run's last 10%% of steps, at most 65,536")
+    p.add_argument("--model", default="tiny-rn", choices=list(PRESETS_CLIP))
     p.add_argument("--patch-dropout", type=float, default=0.0,
                    help="FLIP: fraction of patches dropped")
     p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
@@ -87,9 +98,21 @@ def get_args(argv=None):
     p.add_argument("--data", default="builtin",
                    help="builtin, a csv/tsv file, or a folder under --data-root")
     p.add_argument("--data-root", default="data")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="builtin: unique training pairs (data-limited runs; default 1,000,000)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="builtin: which dataset is generated, train and eval (default: --seed)")
     p.add_argument("--csv-img-key", default="filepath")
     p.add_argument("--csv-caption-key", default="title")
     p.add_argument("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
+    p.add_argument("--image-aug", choices=["clip", "declip"], default=None,
+                   help="training views: CLIP's mild crop, or DeCLIP's Appendix B views (default: "
+                        "declip when --method declip uses two views, else clip)")
+    p.add_argument("--crop-scale", type=float, default=0.2,
+                   help="DeCLIP views: smallest crop, as a fraction of the image area")
+    p.add_argument("--aug-jitter", type=float, default=0.8, help="DeCLIP views: p(colour jitter)")
+    p.add_argument("--aug-gray", type=float, default=0.2, help="DeCLIP views: p(grayscale)")
+    p.add_argument("--aug-blur", type=float, default=0.5, help="DeCLIP views: p(Gaussian blur)")
     p.add_argument("--tokenizer", default="auto",
                    help="openai, train (learn BPE on the training captions), or a merges file; "
                         "auto = train for builtin data, openai otherwise")
@@ -98,7 +121,8 @@ def get_args(argv=None):
                    help="data-loading processes per rank")
     # optimisation
     p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--steps", type=int, default=400, help="total steps (overrides --epochs)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"total steps (overrides --epochs; default {DEMO_STEPS} if neither)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.1)
@@ -138,7 +162,11 @@ def get_args(argv=None):
     if args.method == "clip":
         args.mvs = args.ss = args.nns = False
     if args.steps is None and args.epochs is None:
-        p.error("give --steps or --epochs")
+        args.steps = DEMO_STEPS
+    if args.data_seed is None:
+        args.data_seed = args.seed
+    if args.train_size is not None and (args.data != "builtin" or args.train_size < 1):
+        p.error("--train-size N (N >= 1) applies to --data builtin only")
     for flag in ("batch_size", "save_every", "log_every", "workers", "max_bad_steps"):
         if getattr(args, flag) < (0 if flag == "workers" else 1):
             p.error(f"--{flag.replace('_', '-')} must be positive")
@@ -204,6 +232,29 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
+def build_base(args):
+    """The training pairs of --data (--train-size, --data-seed: which built-in pairs)."""
+    try:
+        return data.build_dataset(args.data, args.data_root, split="train",
+                                  image_size=args.image_size or
+                                  PRESETS_CLIP[args.model]["image_resolution"],
+                                  seed=args.data_seed, size=args.train_size,
+                                  img_key=args.csv_img_key,
+                                  caption_key=args.csv_caption_key, sep=args.csv_separator)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+
+
+def default_queue_size(total_steps, global_batch):
+    """The NN queue holds the text features of the run's last ~10% of steps, at most 65,536.
+
+    The paper's 65,536 (64 steps of its 1024 batch) holds features a few hundred steps old at
+    most; in a 1,000-step demo the same length would hold the whole run, and its entries would
+    mostly come from a model that no longer exists.
+    """
+    return min(65536, max(1, total_steps // 10) * global_batch)
+
+
 def build_tokenizer(args, base, checkpoint):
     """Returns (tokenizer, merges to store in checkpoints: None stands for OpenAI's vocabulary)."""
     if args.pretrained_text:  # BERT brings its own WordPiece vocabulary (stored as "wordpiece")
@@ -235,8 +286,12 @@ def build_tokenizer(args, base, checkpoint):
 
 def build_loader(args, base, tokenizer, image_size, rank, world):
     two_views = args.mvs or args.ss
-    views = data.declip_image_transform if two_views else data.clip_image_transform
-    transform = views(image_size)
+    if (args.image_aug or ("declip" if two_views else "clip")) == "declip":
+        transform = data.DeclipView(image_size, scale=(args.crop_scale, 1.0),
+                                    p_jitter=args.aug_jitter, p_gray=args.aug_gray,
+                                    p_blur=args.aug_blur)
+    else:
+        transform = data.clip_image_transform(image_size)
     dataset = data.ImageText(base, transform, views=2 if two_views else 1,
                              text_aug=eda.augment if args.mvs else None, seed=args.seed)
     sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
@@ -300,14 +355,7 @@ def main(argv=None):
     checkpoint = load_resume(args)
 
     # data and vocabulary
-    try:
-        base = data.build_dataset(args.data, args.data_root, split="train",
-                                  image_size=args.image_size or
-                                  PRESETS_CLIP[args.model]["image_resolution"],
-                                  img_key=args.csv_img_key,
-                                  caption_key=args.csv_caption_key, sep=args.csv_separator)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    base = build_base(args)
     tokenizer, merges = build_tokenizer(args, base, checkpoint)
 
     # model
@@ -326,10 +374,18 @@ def main(argv=None):
                          f"({checkpoint['args'].get('model')}); use the same --model and flags")
     args.context_length = clip.config["context_length"]
     image_size = clip.config["image_resolution"]
+    steps_per_epoch = len(base) // (args.batch_size * world)
+    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
+    if args.queue_size is None:
+        args.queue_size = default_queue_size(total, args.batch_size * world)
+    if args.loss == "siglip" and args.logit_bias_init is None:
+        args.logit_bias_init = -math.log(args.batch_size * world)  # prior: 1 positive in N
     model = DeCLIP(clip, alpha=args.alpha, beta=args.beta, gamma=args.gamma, mvs=args.mvs,
                    ss=args.ss, nns=args.nns, loss=args.loss, queue_size=args.queue_size,
                    mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                   sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id).to(device)
+                   sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id, mlm_pass=args.mlm_pass,
+                   logit_scale_init=args.logit_scale_init,
+                   logit_bias_init=args.logit_bias_init).to(device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     for side in ("image", "text"):
@@ -350,8 +406,6 @@ def main(argv=None):
 
     dataset, sampler, loader = build_loader(args, base, tokenizer, image_size, rank, world)
     zeroshot = zeroshot_set(args, image_size) if is_main else None
-    steps_per_epoch = sampler.batches_per_epoch
-    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     # AdamW; no decay on norms, biases, logit scale/bias; per-tower peak lr (pretrained.py)
     groups = param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6,
@@ -481,8 +535,8 @@ def main(argv=None):
         log.close()
         where = (f"the built-in eval split ({args.eval_size} images)" if zeroshot is None
                  else f"{args.zeroshot} ({result['n']} images)")
-        print(f"zero-shot top-1 {100 * result['top1']:.1f}%  top-5 {100 * result['top5']:.1f}%  "
-              f"on {where} after {step} steps ({result['samples_per_s']:.0f} samples/s)")
+        print(f"zero-shot {eval_zeroshot.format_result(result)}  on {where} after {step} steps "
+              f"({result['samples_per_s']:.0f} samples/s, {train_seconds:.0f} s training)")
     if world > 1:
         dist.destroy_process_group()
     return result
@@ -520,7 +574,7 @@ def evaluate(clip, tokenizer, args, device, rank, world, step, log, zeroshot=Non
         result = eval_zeroshot.zero_shot_eval(clip, tokenizer, *zeroshot, device=device)
     elif rank == 0:
         result = eval_zeroshot.evaluate_builtin(clip, tokenizer, n=args.eval_size, device=device,
-                                                seed=args.seed)
+                                                seed=args.data_seed)
     if log is not None:
         log.write(json.dumps({"step": step, "zeroshot": result}) + "\n")
         log.flush()

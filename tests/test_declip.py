@@ -118,6 +118,44 @@ def test_switches_move_their_weight_to_clip(mvs, ss, nns):
         assert (float(t[name]) != 0) == on, name
 
 
+@pytest.mark.parametrize("mlm_pass", ["separate", "bidirectional"])
+def test_separate_mlm_pass_keeps_contrastive_features_unmasked(mlm_pass):
+    """separate/bidirectional: z_txt comes from the *unmasked* caption (so the queue and every
+    contrastive term see it), and MLM from its own pass over the masked caption."""
+    model = _build(mlm_pass=mlm_pass)
+    img1, img2, ids, ids_aug, (ids_m, labels) = _batch()
+    queue_before = model.queue.feats[:len(model.queue)].clone()
+    loss, terms = model(img1, img2, ids, ids_aug, masked=(ids_m, labels))
+    clip = model.clip
+    zt = clip.encode_text(ids, normalize=True)                    # unmasked
+    z1 = clip.encode_image(img1, normalize=True)
+    assert torch.allclose(terms["clip"], clip_loss(z1, zt, clip.logit_scale.exp()), atol=1e-5)
+    assert torch.allclose(model.queue.feats[40:46], zt, atol=1e-6)
+    _, tokens = clip.encode_text(ids_m, return_tokens=True, causal=mlm_pass == "separate")
+    logits = model.mlm_head(tokens)                                # (B, L, V)
+    tss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(terms["tss"], tss, atol=1e-5)
+    _, shared = _build(mlm_pass="shared")(img1, img2, ids, ids_aug, masked=(ids_m, labels))
+    assert not torch.allclose(terms["clip"], shared["clip"])     # the flag changes the features
+
+
+def test_bidirectional_text_pass_sees_the_right_context_but_not_padding():
+    clip = _build().clip
+    ids = _ids(4, seed=5)
+    eot = (ids == EOT).int().argmax(1)
+    later = ids.clone()
+    later[0, eot[0] - 1] = (later[0, eot[0] - 1] + 1) % SOT         # the last real token of row 0
+    padded = ids.clone()
+    padded[1, eot[1] + 1:] = 7                                     # padding of row 1 changes
+    for causal in (True, False):
+        _, t = clip.encode_text(ids, return_tokens=True, causal=causal)
+        _, t_later = clip.encode_text(later, return_tokens=True, causal=causal)
+        _, t_pad = clip.encode_text(padded, return_tokens=True, causal=causal)
+        # the first real token sees the last one only without the causal mask
+        assert torch.allclose(t[0, 1], t_later[0, 1], atol=1e-6) == causal
+        assert torch.allclose(t[1, :eot[1] + 1], t_pad[1, :eot[1] + 1], atol=1e-6)
+
+
 def test_official_weights_fold_views_into_clip_term():
     model = _build(weights="official")
     loss, t = model(*_batch()[:4], masked=_batch()[4])

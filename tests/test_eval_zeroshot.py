@@ -188,3 +188,12 @@ def test_evaluate_builtin_end_to_end(tmp_path):
              "--device", "cpu", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["n"] == 48 and 0 <= saved["top1"] <= saved["top5"] <= 1
+
+
+def test_colour_and_shape_accuracy_split_top1():
+    # 6 shapes: class 13 = colour 2, shape 1
+    label = torch.tensor([13, 13, 13, 13])
+    pred = torch.tensor([13, 14, 7, 0])    # right; right colour; right shape; neither
+    assert ez.colour_shape_accuracy(pred, label, 6) == {"colour": 0.5, "shape": 0.5}
+    assert ez.format_result({"top1": 0.25, "top5": 1.0, "colour": 0.5, "shape": 0.5}) == \
+        "top-1 25.0%  top-5 100.0%  (colour 50.0%, shape 50.0%)"

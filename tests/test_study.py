@@ -15,38 +15,55 @@ def test_summarize_matches_hand_computation():
     s = study.summarize([1, 2, 3])
     assert s["mean"] == 2 and s["min"] == 1 and s["max"] == 3 and s["n"] == 3
     assert s["std"] == pytest.approx(1.0)  # sample std: sqrt(((1-2)^2 + 0 + (3-2)^2) / 2)
+    assert s["ci95"] == pytest.approx(4.303 / math.sqrt(3))  # t(0.975, 2 dof) * std / sqrt(n)
     s = study.summarize([0.2, 0.5, 0.5, 0.9])
     mean = (0.2 + 0.5 + 0.5 + 0.9) / 4
     std = math.sqrt(sum((v - mean) ** 2 for v in (0.2, 0.5, 0.5, 0.9)) / 3)
     assert s["mean"] == pytest.approx(mean) and s["std"] == pytest.approx(std)
-    assert study.summarize([0.7])["std"] == 0.0  # one seed: no spread, not NaN
+    assert s["ci95"] == pytest.approx(3.182 * std / 2)
+    one = study.summarize([0.7])
+    assert one["std"] == 0.0 and one["ci95"] == math.inf  # one seed: no interval, not NaN
 
 
 def _configs(values):
-    """{name: [top1 per seed]} -> the aggregate structure study.main builds."""
-    runs = {name: [{"seed": s, "top1": v, "top5": v, "samples_per_s": 100 * (1 + v)}
-                   for s, v in enumerate(vals)] for name, vals in values.items()}
+    """{run id: [top1 per seed]} -> the aggregate structure study.main builds."""
+    runs = {run_id: [{"seed": s, "top1": v, "top5": v, "colour": 1.0, "shape": v}
+                     for s, v in enumerate(vals)] for run_id, vals in values.items()}
     return study.aggregate(runs)
 
 
-def test_claims_are_paired_by_seed():
-    # binary fractions, so differences are exact and a zero mean is exactly zero
-    configs = _configs({"clip": [0.25, 0.5, 0.375], "mvs": [0.3125, 0.5, 0.5],
-                        "flip": [0.5, 0.25, 0.375]})
-    c = study.check_claim(configs, "top1", "mvs", "clip", +1, "MVS > CLIP")
-    assert c["diff"]["mean"] == pytest.approx((0.0625 + 0 + 0.125) / 3)
-    assert c["seeds_agreeing"] == 2 and c["verdict"].startswith("holds on average only")
-    configs["mvs"]["runs"][1]["top1"] = 0.5625
-    c = study.check_claim(configs, "top1", "mvs", "clip", +1, "MVS > CLIP")
-    assert c["seeds_agreeing"] == 3 and c["verdict"].startswith("holds (every seed)")
-    # paper: FLIP < CLIP; here +0.25, -0.25, 0: mean 0, one seed each way
-    c = study.check_claim(configs, "top1", "flip", "clip", -1, "FLIP < CLIP")
-    assert c["seeds_agreeing"] == 1 and c["verdict"].startswith("no difference")
-    c = study.check_claim(configs, "top1", "clip", "mvs", +1, "reversed")
-    assert c["verdict"].startswith("does NOT hold")
+def test_claims_use_the_interval_of_paired_differences():
+    # differences +0.10, +0.12, +0.11: interval well above 0
+    configs = _configs({"clip-all": [0.25, 0.5, 0.375], "mvs-all": [0.35, 0.62, 0.485],
+                        "flip-all": [0.5, 0.25, 0.375]})
+    c = study.check_claim(configs, "top1", "mvs-all", "clip-all", +1, "MVS > CLIP")
+    assert c["diff"]["mean"] == pytest.approx(0.11)
+    assert c["verdict"].startswith("holds") and c["seeds_agreeing"] == 3
+    c = study.check_claim(configs, "top1", "clip-all", "mvs-all", +1, "the other way")
+    assert c["verdict"].startswith("reversed")
+    # +0.25, -0.25, 0: every seed says something different, the mean says nothing
+    c = study.check_claim(configs, "top1", "flip-all", "clip-all", -1, "FLIP < CLIP")
+    assert c["verdict"].startswith("inside the noise")
+    # all three seeds agree but the spread is large: 3 agreeing seeds are not enough
+    configs = _configs({"a-all": [0.30, 0.50, 0.21], "b-all": [0.29, 0.20, 0.20]})
+    c = study.check_claim(configs, "top1", "a-all", "b-all", +1, "a > b")
+    assert c["seeds_agreeing"] == 3 and c["verdict"].startswith("inside the noise")
     # runs are matched by their seed, not by their position in the list
-    assert study.paired(configs["mvs"]["runs"], configs["clip"]["runs"][::-1], "top1")[0] == \
-        pytest.approx([0.0625, 0.0625, 0.125])
+    runs = configs["a-all"]["runs"]
+    assert study.paired(runs, runs[::-1], "top1") == [0, 0, 0]
+
+
+def test_plan_shares_runs_and_names_claims():
+    args = study.get_args(["--configs", "clip,declip,flip,clip_vit", "--sizes", "500,all",
+                           "--table4-size", "500"])
+    groups = study.plan(args)
+    assert groups["table4"] == ["clip-500", "declip-500"]
+    assert groups["curve"] == ["clip-500", "clip-all", "declip-500", "declip-all"]
+    assert groups["fig3"] == ["clip_vit-all", "flip-all"]
+    claims = study.claims_of(args, groups)
+    assert ("declip-500", "clip-500", 1, "Table 4: DeCLIP +6.6 pts over CLIP") in claims
+    assert ("flip-all", "clip_vit-all", -1, "Fig. 3: FLIP below CLIP") in claims
+    assert sum(c[0] == "declip-all" for c in claims) == 1
 
 
 def test_tome_r_merges_about_half():
@@ -57,8 +74,8 @@ def test_tome_r_merges_about_half():
 
 
 def test_chart_bars_follow_the_numbers(tmp_path):
-    configs = _configs({"clip": [0.20, 0.20], "mvs": [0.35, 0.45]})
-    groups = [("fake group", [configs["clip"], configs["mvs"]])]
+    configs = _configs({"clip-all": [0.20, 0.20], "mvs-all": [0.35, 0.45]})
+    groups = [("fake group", [configs["clip-all"], configs["mvs-all"]])]
     path = tmp_path / "chart.png"
     rects = study.draw_chart(groups, path, note="fake")
     img = Image.open(path).convert("RGB")
@@ -66,43 +83,45 @@ def test_chart_bars_follow_the_numbers(tmp_path):
     (a0, a1, a2, a3), (b0, b1, b2, b3) = rects[(0, "top1", "CLIP")], rects[(0, "top1", "+MVS")]
     assert a3 == b3  # same baseline
     assert (b3 - b1) / (a3 - a1) == pytest.approx(0.40 / 0.20, rel=0.03)  # height ~ mean
-    for x0, y0, x1, y1 in (rects[(0, "top1", "CLIP")], rects[(0, "samples_per_s", "+MVS")]):
-        colour = img.getpixel(((x0 + 4), (y0 + y1) // 2))
-        assert colour in (study.BAR, study.BAR_SPS)
     assert img.getpixel((a0 + 4, (a1 + a3) // 2)) == study.BAR
-    # samples/s: 120 and 140 -> heights in that ratio
-    (_, s1, _, s3), (_, t1, _, t3) = (rects[(0, "samples_per_s", "CLIP")],
-                                      rects[(0, "samples_per_s", "+MVS")])
-    assert (t3 - t1) / (s3 - s1) == pytest.approx(140 / 120, rel=0.03)
+    x0, y0, x1, y1 = rects[(0, "shape", "+MVS")]
+    assert img.getpixel((x0 + 4, (y0 + y1) // 2)) == study.BAR_SHAPE
+
+
+def test_curve_points_follow_the_numbers(tmp_path):
+    configs = _configs({"clip-500": [0.2, 0.2], "clip-all": [0.6, 0.6],
+                        "declip-500": [0.4, 0.4], "declip-all": [0.6, 0.6]})
+    points = study.draw_curve(configs, list(configs), tmp_path / "curve.png")
+    assert points[("clip", 500)][0] < points[("clip", None)][0]  # unlimited on the right
+    assert points[("declip", 500)][1] < points[("clip", 500)][1]  # higher top-1 = higher up
+    assert points[("declip", None)][1] == pytest.approx(points[("clip", None)][1])
+    assert Image.open(tmp_path / "curve.png").size == (760, 460)
 
 
 def test_smoke_study_and_rerun_reuses_runs(tmp_path):
-    common = ["--out", str(tmp_path), "--configs", "clip,declip", "--seeds", "1", "--batch-size",
-              "8", "--eval-size", "20", "--workers", "0", "--nn-captions", "64"]
-    argv = common + ["--steps", "3"]
-    report = study.main(argv)
-    for name in ("study.md", "study.json", "study.png", "nn_pairs.png"):
+    common = ["--quick", "--out", str(tmp_path), "--configs", "clip,declip", "--workers", "0"]
+    report = study.main(common)
+    for name in ("study.md", "study.json", "study.png", "curve.png", "nn_pairs.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "study.json").read_text())
     assert {"command", "settings", "groups", "configs", "claims", "nn_pairs",
             "wall_seconds"} <= set(saved)
-    assert set(saved["configs"]) == {"clip", "declip"}
+    assert set(saved["configs"]) == {"clip-64", "declip-64", "clip-all", "declip-all"}
+    assert len(os.listdir(tmp_path / "runs")) == 4  # Table 4's two runs are the curve's too
     for c in saved["configs"].values():
-        assert {"label", "runs", "top1", "top5", "samples_per_s"} <= set(c)
-        assert {"mean", "std", "min", "max", "n"} <= set(c["top1"]) and c["top1"]["n"] == 1
-        assert c["samples_per_s"]["mean"] > 0
-    assert saved["groups"]["fig3"] == ["clip"] and saved["groups"]["table4"] == ["clip", "declip"]
-    assert [c["a"] for c in saved["claims"]] == ["declip"]  # the one pair both configs allow
+        assert {"label", "runs", "top1", "top5", "colour", "shape"} <= set(c)
+        assert c["top1"]["n"] == 1
+    assert saved["groups"]["table4"] == ["clip-64", "declip-64"]
+    assert [c["a"] for c in saved["claims"]] == ["declip-64", "declip-64", "declip-all"]
     md = (tmp_path / "study.md").read_text()
-    assert "| CLIP |" in md and "DeCLIP" in md and "std over seeds" in md
-    # a re-run re-evaluates the finished checkpoints: same accuracy, no training, speed kept
-    again = study.main(argv)
-    for name in ("clip", "declip"):
-        first, second = report["configs"][name]["runs"][0], again["configs"][name]["runs"][0]
+    assert "| CLIP |" in md and "DeCLIP" in md and "95% confidence interval" in md
+    # a re-run re-evaluates the finished checkpoints: same accuracy, no training
+    again = study.main(common)
+    for run_id in ("clip-64", "declip-all"):
+        first, second = report["configs"][run_id]["runs"][0], again["configs"][run_id]["runs"][0]
         assert second["resumed"] and not first["resumed"]
         assert second["top1"] == first["top1"]
-        for key in ("samples_per_s", "samples_per_s_whole_run", "train_seconds"):
-            assert second[key] == pytest.approx(first[key]) and first[key] > 0
+        assert second["train_seconds"] == pytest.approx(first["train_seconds"])
     # another budget in the same folder is refused instead of silently continuing the run
     with pytest.raises(SystemExit, match="delete the folder"):
         study.main(common + ["--steps", "4"])

@@ -150,3 +150,49 @@ def test_sampler_resumes_mid_epoch_and_splits_ranks():
     late = train.EpochSampler(50, 4, rank=0, world=2, seed=1)
     late.set_epoch(0, start_batch=2)
     assert list(late) == full[8:]
+
+
+def test_train_size_and_data_seed_pick_the_builtin_pairs(tmp_path):
+    args = train.get_args(["--train-size", "100", "--data-seed", "3"])
+    base = train.build_base(args)
+    assert len(base) == 100 and base.seed == 3
+    assert train.get_args(["--seed", "5"]).data_seed == 5  # --seed reaches the data by default
+    assert len(train.build_base(train.get_args([]))) == 1_000_000
+    # epochs over 32 unique pairs at batch 8: 4 steps an epoch
+    result = train.main(TINY + ["--method", "clip", "--train-size", "32", "--epochs", "2",
+                                "--output", str(tmp_path)])
+    assert weights(tmp_path)["step"] == 8
+    assert {"colour", "shape"} <= set(result)  # the built-in eval reports both factors
+    with pytest.raises(SystemExit):
+        train.get_args(["--data", "my.tsv", "--train-size", "10"])
+
+
+def test_default_queue_holds_the_last_tenth_of_the_run():
+    assert train.default_queue_size(1000, 64) == 100 * 64
+    assert train.default_queue_size(5, 8) == 8  # at least one batch
+    assert train.default_queue_size(10 ** 6, 1024) == 65536  # the paper's length at scale
+
+
+def test_siglip_initial_scale_and_bias(tmp_path):
+    """SigLIP's bias starts at -log(global batch) unless given; both flags reach the model."""
+    import math
+    train.main(TINY + ["--method", "clip", "--loss", "siglip", "--steps", "1", "--lr", "1e-9",
+                       "--output", str(tmp_path / "a")])
+    sd = weights(tmp_path / "a")["model"]
+    assert float(sd["logit_bias"]) == pytest.approx(-math.log(8), abs=1e-4)
+    assert float(sd["clip.logit_scale"]) == pytest.approx(math.log(10), abs=1e-4)
+    train.main(TINY + ["--method", "clip", "--loss", "siglip", "--steps", "1", "--lr", "1e-9",
+                       "--logit-bias-init", "-10", "--logit-scale-init", "5",
+                       "--output", str(tmp_path / "b")])
+    sd = weights(tmp_path / "b")["model"]
+    assert float(sd["logit_bias"]) == pytest.approx(-10, abs=1e-4)
+    assert float(sd["clip.logit_scale"]) == pytest.approx(math.log(5), abs=1e-4)
+
+
+def test_siglip_learns_colour_at_batch_64(tmp_path):
+    """The SigLIP paper's b = -10 suits its 32k batch; at batch 64 it collapsed (colour ~25%).
+    With the default b = -log(64), 300 steps learn colour. 32 px keeps this test short."""
+    result = train.main(["--method", "clip", "--loss", "siglip", "--steps", "300",
+                         "--batch-size", "64", "--image-size", "32", "--workers", "1",
+                         "--eval-size", "210", "--log-every", "100", "--output", str(tmp_path)])
+    assert result["colour"] >= 0.9, result

@@ -1,0 +1,260 @@
+"""The built-in image-caption set: coloured shapes with web-alt-text-like captions, no files.
+
+It stands in for CC3M's web photos, so that DeCLIP and the CLIP variants can be trained and
+compared on a laptop CPU in minutes. It is built so that the paper's supervision has something
+to exploit and the paper's augmentations (DeCLIP Appendix B) keep an image's meaning, as they
+do for photos:
+
+- The class is colour x shape of the *main object* (7 x 6 = 42 classes): 5 hues 72 degrees
+  apart (red, yellow, green, blue, purple) plus white and black. A hue jitter of +-0.1 (+-36
+  degrees) never carries a hue past the midpoint to its neighbour, and white/black have no hue.
+  Eight colours cannot be 72 degrees apart, which is why there are 7 (the old set had 8, with
+  orange/yellow and blue/purple 30-50 degrees apart, and a hue jitter swapped them).
+- The main object is *repeated* (3-5 copies in a 3 x 3 grid of cells, like a photo of several
+  apples): a 0.2-scale crop, 45% of the side, still holds most of one copy. Backgrounds contrast
+  in luminance with the object, so its shape survives a grayscale view.
+- MVS: a caption describes only part of the image (the main object, sometimes its count, the
+  small distractors of other colours, the background, an irrelevant prefix or suffix).
+- NNS: captions are drawn from a small grammar with synonyms ("crimson discs", "tiles in
+  azure"), so many captions across the dataset are near-neighbours.
+- SS: images share parts (shapes, colours) and captions share words, across classes.
+
+`label_visible` measures how often the label survives an image view (tests/test_builtin_data.py
+and the README quote it). Everything is a pure function of (seed, split, index): the same index
+gives the same pair on every rank and every run; train and eval never share an item.
+
+    ds = SyntheticCaptions("train", size=2000, seed=0)     # size: unique pairs (data-limited runs)
+    image, caption = ds[3]                               # PIL 64 x 64, str
+    ds.label(3), ds.classnames[ds.label(3)]              # 17, "green triangles"
+
+Left out: photographs, text in images, more than one labelled object.
+"""
+import colorsys
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# Colour -> (hue in degrees, or None for achromatic; words a caption may use).
+COLOURS = {
+    "red": (354, ("red", "crimson", "scarlet")),
+    "yellow": (66, ("yellow", "golden", "lemon")),
+    "green": (138, ("green", "emerald", "grass-green")),
+    "blue": (210, ("blue", "azure", "cobalt")),
+    "purple": (282, ("purple", "violet", "lilac")),
+    "white": (None, ("white", "snow-white", "ivory")),
+    "black": (None, ("black", "jet-black", "ebony")),
+}
+HUE_JITTER = 4  # degrees: an object's own hue varies a little around its colour's
+_STAR = [(0.45 ** (k % 2) * math.cos(math.pi * (k / 5 - 0.5)),
+          0.45 ** (k % 2) * math.sin(math.pi * (k / 5 - 0.5))) for k in range(10)]
+# Shape -> (outline on the unit square around the centre, or None for a disc; caption words).
+SHAPES = {
+    "circle": (None, ("circle", "disc", "dot", "round shape")),
+    "square": ([(-.8, -.8), (.8, -.8), (.8, .8), (-.8, .8)], ("square", "box", "block", "tile")),
+    "triangle": ([(0, -1), (.87, .5), (-.87, .5)], ("triangle", "wedge", "three-sided shape")),
+    "star": (_STAR, ("star", "five-pointed star", "starburst")),
+    "cross": ([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
+               (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)], ("cross", "plus sign", "plus")),
+    "diamond": ([(0, -1), (.7, 0), (0, 1), (-.7, 0)], ("diamond", "rhombus", "lozenge")),
+}
+GRID = 3  # the image is a GRID x GRID array of cells; every object sits inside one cell
+PREFIXES = ("photo of", "stock image:", "illustration of", "close-up of", "an image of",
+            "picture of", "clipart:", "icon of", "image may contain:")
+SUFFIXES = ("free download", "vector illustration", "stock photo", "royalty free", "hd wallpaper",
+            "- stock vector", "| clipart", "high resolution", "for sale", "on white paper")
+COUNTS = ("three", "four", "five")
+
+
+def plural(phrase):
+    """'red box' -> 'red boxes', 'plus sign' -> 'plus signs' (the last word only)."""
+    return phrase + ("es" if phrase.endswith(("s", "x", "sh", "ch")) else "s")
+
+
+def _a(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def colour_rgb(colour, rng):
+    """An RGB triple of the named colour, with its own small variation."""
+    hue = COLOURS[colour][0]
+    if hue is None:
+        v = rng.uniform(230, 255) if colour == "white" else rng.uniform(5, 30)
+        return (round(v),) * 3
+    h = ((hue + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 360) / 360
+    r, g, b = colorsys.hsv_to_rgb(h, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0))
+    return round(255 * r), round(255 * g), round(255 * b)
+
+
+def luma(rgb):
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def nearest_colour(rgb):
+    """The colour class a viewer would name: white/black if unsaturated, else the nearest hue."""
+    r, g, b = (c / 255 for c in rgb)
+    h, s, v = colorsys.rgb_to_hsv(r, g, b)
+    if s < 0.25 or v < 0.15:
+        return "white" if luma(rgb) >= 100 else "black"
+    hues = {c: hue for c, (hue, _) in COLOURS.items() if hue is not None}
+    return min(hues, key=lambda c: min(abs(h * 360 - hues[c]), 360 - abs(h * 360 - hues[c])))
+
+
+class SyntheticCaptions(torch.utils.data.Dataset):
+    """Repeated coloured shapes with alt-text captions, generated from (seed, split, index).
+
+    Scene: a muted background (plain, gradient or noisy; its luminance at least 70 away from the
+    main object's), the main object as 3-5 identical copies (radius 12-15% of the side) in random
+    cells of a 3 x 3 grid, 0-2 small distractors (radius 6-9%, other colours) in free cells, then
+    uniform pixel noise. Label = colour x 6 + shape of the main object; the eval split cycles
+    through the classes, so it is exactly balanced. Horizontal flips turn "left" into "right" in
+    the ~15% of captions that say where the objects are; we accept that noise, as for photos.
+    """
+
+    classnames = [plural(f"{c} {s}") for c in COLOURS for s in SHAPES]
+    templates = ["a photo of {c}.", "{c}.", "an image of {c}.", "a picture of {c}.",
+                 "a drawing of {c}.", "a pattern of {c}.", "{c} on a plain background.",
+                 "stock image of {c}."]
+    n_colours, n_shapes = len(COLOURS), len(SHAPES)
+
+    def __init__(self, split="train", size=None, image_size=64, seed=0):
+        if split not in ("train", "eval"):
+            raise ValueError(f"SyntheticCaptions: split must be 'train' or 'eval', not {split!r}")
+        self.split, self.image_size, self.seed = split, image_size, seed
+        self.size = size if size is not None else (1_000_000 if split == "train" else 2_000)
+
+    def __len__(self):
+        return self.size
+
+    def scene(self, i):
+        """The random choices behind item i (cheap: no pixels), as a dict."""
+        if not 0 <= i < self.size:
+            raise IndexError(f"SyntheticCaptions: index {i} out of range({self.size})")
+        rng, S = random.Random(f"declip-mini/{self.seed}/{self.split}/{i}"), self.image_size
+        n_classes, names, shapes = len(self.classnames), list(COLOURS), list(SHAPES)
+        label = i % n_classes if self.split == "eval" else rng.randrange(n_classes)
+        colour, shape = names[label // len(SHAPES)], shapes[label % len(SHAPES)]
+        cell = S / GRID
+        cells = rng.sample(range(GRID * GRID), GRID * GRID)
+        n_main = rng.randint(3, 5)
+        r = rng.uniform(0.12, 0.15) * S
+        rgb = colour_rgb(colour, rng)
+        main = [self._place(cells[k], r, cell, rng) for k in range(n_main)]
+        others = []
+        for k in range(n_main, n_main + rng.choice((0, 1, 1, 2))):
+            o = self._place(cells[k], rng.uniform(0.06, 0.09) * S, cell, rng)
+            o.update(colour=rng.choice([c for c in names if c != colour]),
+                     shape=rng.choice(shapes))
+            o["rgb"] = colour_rgb(o["colour"], rng)
+            others.append(o)
+        # background luminance far from the object's, so the shape survives grayscale views
+        lo, hi = (40, luma(rgb) - 70), (luma(rgb) + 70, 215)
+        lum = rng.uniform(*lo) if hi[0] > hi[1] or (lo[1] > lo[0] and rng.random() < 0.5) \
+            else rng.uniform(*hi)
+        background = rng.choice(("plain", "gradient", "noisy"))
+        return dict(label=label, colour=colour, shape=shape, rgb=rgb, r=r, main=main,
+                    others=others, bg=[lum + rng.uniform(-12, 12) for _ in range(3)],
+                    background=background, gradient=(rng.random() < 0.5, rng.uniform(-30, 30)),
+                    noise=rng.uniform(4, 14) if background == "noisy" else rng.uniform(0, 4),
+                    noise_seed=rng.getrandbits(63), caption_seed=rng.getrandbits(63))
+
+    @staticmethod
+    def _place(index, r, cell, rng):
+        """An object of radius r at a random point of grid cell `index`, wholly inside it."""
+        row, col = divmod(index, GRID)
+        slack = max(0.0, cell / 2 - r)
+        return dict(x=(col + 0.5) * cell + rng.uniform(-slack, slack),
+                    y=(row + 0.5) * cell + rng.uniform(-slack, slack), r=r,
+                    angle=rng.uniform(-0.26, 0.26))
+
+    def label(self, i):
+        return self.scene(i)["label"]
+
+    def caption(self, i):
+        return self._caption(self.scene(i))
+
+    def __getitem__(self, i):
+        sc = self.scene(i)
+        return self._render(sc), self._caption(sc)
+
+    def objects(self, sc):
+        """(shape, rgb, x, y, r, angle) of every object of a scene, main copies first."""
+        main = [(sc["shape"], sc["rgb"], o["x"], o["y"], o["r"], o["angle"]) for o in sc["main"]]
+        return main + [(o["shape"], o["rgb"], o["x"], o["y"], o["r"], o["angle"])
+                       for o in sc["others"]]
+
+    def mask(self, i):
+        """(S, S) int array: k + 1 on the pixels of the main object's k-th copy, 0 elsewhere."""
+        sc = self.scene(i)
+        img = Image.new("L", (self.image_size,) * 2, 0)
+        draw = ImageDraw.Draw(img)
+        for k, obj in enumerate(self.objects(sc)[:len(sc["main"])]):
+            _draw(draw, *obj[:1], k + 1, *obj[2:])
+        return np.asarray(img, np.int64)
+
+    def _render(self, sc):
+        S = self.image_size
+        pixels = np.empty((S, S, 3), np.float32)
+        pixels[:] = sc["bg"]
+        if sc["background"] == "gradient":
+            vertical, amplitude = sc["gradient"]
+            ramp = np.linspace(-amplitude, amplitude, S, dtype=np.float32)
+            pixels += ramp[:, None, None] if vertical else ramp[None, :, None]
+        img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for obj in self.objects(sc):
+            _draw(draw, *obj)
+        # uniform noise with the wanted std: 3x cheaper to draw than Gaussian noise
+        noise = np.random.default_rng(sc["noise_seed"]).random((S, S, 3), np.float32) - 0.5
+        pixels = np.asarray(img, np.float32) + noise * (sc["noise"] * math.sqrt(12))
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+    def _caption(self, sc):
+        rng = random.Random(sc["caption_seed"])
+        colour, shape = rng.choice(COLOURS[sc["colour"]][1]), rng.choice(SHAPES[sc["shape"]][1])
+        u = rng.random()
+        if u < 0.06:
+            desc = plural(shape)
+        elif u < 0.10:
+            desc = f"{colour} {rng.choice(('objects', 'things', 'icons', 'signs'))}"
+        elif u < 0.22:
+            desc = f"{plural(shape)} in {colour}"
+        elif u < 0.32:
+            desc = _a(f"{colour} {shape}")  # alt text is often loose about number
+        else:
+            desc = plural(f"{colour} {shape}")
+        v = 1.0 if 0.22 <= u < 0.32 else rng.random()  # no count before "a red star"
+        if v < 0.2:
+            desc = f"{COUNTS[len(sc['main']) - 3]} {desc}"
+        elif v < 0.35:
+            desc = f"{rng.choice(('a pattern of', 'a group of', 'several', 'many'))} {desc}"
+        parts = [desc]
+        if sc["others"] and rng.random() < 0.5:
+            small = [f"{rng.choice(('a small', 'a little', 'a tiny'))} {o['colour']} "
+                     f"{rng.choice(SHAPES[o['shape']][1])}" for o in sc["others"]]
+            parts.append(f"{rng.choice(('and', 'with', 'next to'))} {' and '.join(small)}")
+        if rng.random() < 0.15:
+            parts.append(rng.choice(("in a row", "scattered around", "in a grid", "on a table")))
+        if rng.random() < 0.25:
+            tone = sc["bg"][0]
+            tone = "dark" if tone < 100 else "light grey" if tone > 160 else "grey"
+            parts.append(f"on a {rng.choice((tone, 'plain', sc['background']))} background")
+        text = " ".join(parts)
+        if rng.random() < 0.4:
+            text = f"{rng.choice(PREFIXES)} {text}"
+        if rng.random() < 0.3:
+            text += " " + (f"in {rng.randint(2005, 2019)}" if rng.random() < 0.3
+                           else rng.choice(SUFFIXES))
+        return text[0].upper() + text[1:] if rng.random() < 0.3 else text
+
+
+def _draw(draw, shape, fill, x, y, r, angle):
+    outline = SHAPES[shape][0]
+    if outline is None:
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        cos, sin = math.cos(angle), math.sin(angle)
+        draw.polygon([(x + r * (u * cos - v * sin), y + r * (u * sin + v * cos))
+                      for u, v in outline], fill=fill)
