@@ -1,7 +1,7 @@
 """Benchmarks, measured side by side in one run so the ratios hold on whatever machine runs them.
 
     python bench.py                      # everything below, CPU, a few minutes
-    python bench.py --only step,tokenizer,declip,methods --models tiny,ViT-B-32 --batch 8
+    python bench.py --only step,tokenizer,declip,mlm,methods --models tiny,ViT-B-32 --batch 8
 
 - step:      one full training step (forward, loss, backward, AdamW) of our CLIP against OpenCLIP's
              on the same architecture, the same weights and the same batch, with the loss of both
@@ -11,6 +11,8 @@
 - declip:    DeCLIP step time / CLIP step time on the same model and batch, and the memory ratio
              (peak CUDA memory on a GPU; on CPU the bytes autograd saves for backward, which is
              what the extra views cost).
+- mlm:       DeCLIP's step with each MLM text pass (--mlm-pass shared / separate / bidirectional)
+             relative to the shared one (the official code's).
 - methods:   samples/s of CLIP, FLIP (patch dropout 0.5), SigLIP, SigFLIP and ToMe relative to
              CLIP on the same model and batch (the medium-scale study's Fig. 4).
 
@@ -170,12 +172,14 @@ def saved_activation_bytes(fn):
     return total[0]
 
 
-def make_trainer(method, model_name, vocab_size, device, loss="infonce", **kw):
+def make_trainer(method, model_name, vocab_size, device, loss="infonce", mlm_pass="shared",
+                 **kw):
     """(DeCLIP module, AdamW) for method "clip" (all switches off) or "declip" (all on)."""
     clip = create_model(model_name, vocab_size=vocab_size, eot_id=vocab_size - 2, **kw)
     on = method == "declip"
     model = DeCLIP(clip, mvs=on, ss=on, nns=on, loss=loss, queue_size=8192,
-                   mask_id=vocab_size - 1, vocab_size=vocab_size).to(device).train()
+                   mask_id=vocab_size - 1, vocab_size=vocab_size,
+                   mlm_pass=mlm_pass).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     return model, opt
 
@@ -210,6 +214,27 @@ def bench_declip(models, batch, device, repeat, vocab_size=1024):
         t = interleaved(fns, repeat=repeat)
         print(f"| {name} | {t['clip'] * 1e3:.0f} | {t['declip'] * 1e3:.0f} | "
               f"{t['declip'] / t['clip']:.2f}x | {mem['declip'] / mem['clip']:.2f}x |")
+
+
+def bench_mlm_pass(models, batch, device, repeat, vocab_size=1024):
+    """DeCLIP's step with each MLM text pass, relative to the shared pass."""
+    print(f"\n## DeCLIP's MLM text pass (batch {batch}, {device}, median of {repeat} "
+          f"interleaved steps)")
+    print("| model | shared (ms) | separate (ms) | bidirectional (ms) | separate / shared "
+          "| bidirectional / shared |")
+    print("|---|---|---|---|---|---|")
+    for name in models:
+        fns = {}
+        for mlm_pass in ("shared", "separate", "bidirectional"):
+            model, opt = make_trainer("declip", name, vocab_size, device, mlm_pass=mlm_pass)
+            cfg = model.clip.config
+            images, ids = fake_batch(batch, cfg["image_resolution"], cfg["context_length"],
+                                     vocab_size, vocab_size - 2, device)
+            fns[mlm_pass] = step_fn(model, opt, images, ids)
+        t = interleaved(fns, repeat=repeat)
+        print(f"| {name} | {t['shared'] * 1e3:.0f} | {t['separate'] * 1e3:.0f} | "
+              f"{t['bidirectional'] * 1e3:.0f} | {t['separate'] / t['shared']:.2f}x | "
+              f"{t['bidirectional'] / t['shared']:.2f}x |")
 
 
 def peak_memory(fn, device):
@@ -256,7 +281,7 @@ def bench_methods(models, batch, device, repeat, vocab_size=1024):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default="step,tokenizer,declip,methods")
+    p.add_argument("--only", default="step,tokenizer,declip,mlm,methods")
     p.add_argument("--models", default="tiny,ViT-B-32")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=6)
@@ -273,6 +298,8 @@ def main():
         bench_tokenizer()
     if "declip" in only:
         bench_declip(models, args.batch, device, args.repeat)
+    if "mlm" in only:
+        bench_mlm_pass(models, args.batch, device, args.repeat)
     if "methods" in only:
         bench_methods(models, args.batch, device, args.repeat)
 

@@ -1,14 +1,14 @@
-"""Image-caption data for CLIP/DeCLIP: built-in synthetic captions, CSV/TSV, img2dataset shards.
+"""Image-caption data for CLIP/DeCLIP: the built-in set, CSV/TSV, img2dataset shards, the views.
 
 What is here:
-- `SyntheticCaptions`: a built-in image-caption set generated from the index alone (no files, no
-  download) that a tiny CLIP learns in minutes on a CPU; it has `classnames` and `templates` for
-  zero-shot evaluation.
+- `SyntheticCaptions` (from builtin_data.py): the built-in image-caption set generated from the
+  index alone (no files, no download), with `classnames` and `templates` for zero-shot evaluation.
 - `CsvDataset` (OpenCLIP's `filepath` / `title` layout) and `ShardDataset` (img2dataset's webdataset
   tar shards, `KEY.jpg` + `KEY.txt`), both map-style so `DistributedSampler`-like samplers split
   them across ranks and resume is exact. Corrupt, truncated or missing images and empty captions
   come back as None; `collate` drops them and reports how many in `n_skipped`.
-- The image views: DeCLIP's (Appendix B), CLIP's single view, and the eval transform.
+- The image views: DeCLIP's (Appendix B, `DeclipView`), CLIP's single view, the eval transform,
+  and `label_visible`, which measures how often a view keeps a built-in image's label.
 - `ImageText` applies the views so that every sample's augmentation is a pure function of
   (seed, epoch, index): results do not depend on the number of workers or ranks, or on resuming.
 
@@ -310,7 +310,8 @@ def label_visible(ds, i, view, params=None):
     inside = np.bincount(mask[top:top + h, left:left + w].ravel(), minlength=mask.max() + 1)
     shape_shown = bool((inside[1:] >= 0.5 * np.bincount(mask.ravel())[1:]).any())
     pixels = view.apply(image, params)                                     # (3, S', S')
-    pixels = pixels * torch.tensor(OPENAI_STD)[:, None, None] + torch.tensor(OPENAI_MEAN)[:, None, None]
+    std, mean = torch.tensor(OPENAI_STD)[:, None, None], torch.tensor(OPENAI_MEAN)[:, None, None]
+    pixels = pixels * std + mean
     where = TF.resized_crop(Image.fromarray(mask.astype(np.uint8)), top, left, h, w,
                             [view.size, view.size], T.InterpolationMode.NEAREST)
     where = torch.from_numpy(np.asarray(where) > 0)

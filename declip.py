@@ -266,7 +266,8 @@ class DeCLIP(nn.Module):
             e_txt = self.clip.encode_text(texts)                                   # (2B or B, D)
             _, tokens = self.clip.encode_text(ids_masked, return_tokens=True, causal=False)
         elif self.ss and self.mlm_pass == "separate":  # one causal call: the masked rows last
-            e_txt, tokens = self.clip.encode_text(torch.cat([texts, ids_masked]), return_tokens=True)
+            e_txt, tokens = self.clip.encode_text(torch.cat([texts, ids_masked]),
+                                                  return_tokens=True)
             e_txt, tokens = e_txt[:len(texts)], tokens[len(texts):]                # (B, L, W)
         elif self.ss:  # shared: the masked caption is also the contrastive one
             e_txt, tokens = self.clip.encode_text(texts, return_tokens=True)      # (2B or B, D)

@@ -49,7 +49,8 @@ def test_presets_shapes_and_param_counts(name):
     assert z_img.shape == z_txt.shape == (2, D) and tokens.shape == (2, n_ctx, W)
     if name in OPENAI_PARAMS:
         assert sum(p.numel() for p in model.parameters()) == OPENAI_PARAMS[name]
-    assert clip.PRESETS[name]["act"] == ("gelu" if name in ("ViT-S-16", "tiny") else "quick_gelu")
+    assert clip.PRESETS[name]["act"] == ("gelu" if name in ("ViT-S-16", "tiny", "tiny-rn")
+                                         else "quick_gelu")
 
 
 def test_tiny_preset_and_logit_scale():

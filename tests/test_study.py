@@ -61,9 +61,9 @@ def test_plan_shares_runs_and_names_claims():
     assert groups["curve"] == ["clip-500", "clip-all", "declip-500", "declip-all"]
     assert groups["fig3"] == ["clip_vit-all", "flip-all"]
     claims = study.claims_of(args, groups)
-    assert ("declip-500", "clip-500", 1, "Table 4: DeCLIP +6.6 pts over CLIP") in claims
-    assert ("flip-all", "clip_vit-all", -1, "Fig. 3: FLIP below CLIP") in claims
-    assert sum(c[0] == "declip-all" for c in claims) == 1
+    assert ("top1", "declip-500", "clip-500", 1, "Table 4: DeCLIP +6.6 pts over CLIP") in claims
+    assert ("top1", "flip-all", "clip_vit-all", -1, "Fig. 3: FLIP below CLIP") in claims
+    assert [c[0] for c in claims if c[1] == "declip-all"] == ["top1", "colour"]
 
 
 def test_tome_r_merges_about_half():
@@ -112,7 +112,9 @@ def test_smoke_study_and_rerun_reuses_runs(tmp_path):
         assert {"label", "runs", "top1", "top5", "colour", "shape"} <= set(c)
         assert c["top1"]["n"] == 1
     assert saved["groups"]["table4"] == ["clip-64", "declip-64"]
-    assert [c["a"] for c in saved["claims"]] == ["declip-64", "declip-64", "declip-all"]
+    assert [(c["metric"], c["a"]) for c in saved["claims"]] == [
+        ("top1", "declip-64"), ("top1", "declip-64"), ("top1", "declip-all"),
+        ("colour", "declip-64"), ("colour", "declip-all")]
     md = (tmp_path / "study.md").read_text()
     assert "| CLIP |" in md and "DeCLIP" in md and "95% confidence interval" in md
     # a re-run re-evaluates the finished checkpoints: same accuracy, no training

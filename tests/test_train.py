@@ -127,7 +127,7 @@ def test_resume_refuses_broken_or_foreign_checkpoints(tmp_path):
     with pytest.raises(SystemExit, match="exists: pass --resume auto"):  # never overwritten
         train.main(TINY + ["--steps", "1", "--output", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="another architecture"):
-        train.main(TINY + ["--method", "clip", "--steps", "2", "--patch-dropout", "0.5",
+        train.main(TINY + ["--method", "clip", "--steps", "2", "--image-size", "32",
                            "--output", str(tmp_path / "a"), "--resume", "auto"])
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
@@ -196,3 +196,28 @@ def test_siglip_learns_colour_at_batch_64(tmp_path):
                          "--batch-size", "64", "--image-size", "32", "--workers", "1",
                          "--eval-size", "210", "--log-every", "100", "--output", str(tmp_path)])
     assert result["colour"] >= 0.9, result
+
+
+def test_declip_flags_reach_the_model_and_the_views(tmp_path, monkeypatch):
+    import data
+    import declip
+    seen = {}
+    init = declip.DeCLIP.__init__
+
+    def spy(self, *a, **k):
+        seen.update(k)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(declip.DeCLIP, "__init__", spy)
+    train.main(TINY + ["--steps", "1", "--mlm-pass", "bidirectional", "--output", str(tmp_path)])
+    assert seen["mlm_pass"] == "bidirectional" and seen["queue_size"] == 64
+    args = train.get_args(["--crop-scale", "0.5", "--aug-gray", "0", "--aug-hue", "0.05"])
+    args.context_length = 32
+    dataset, _, _ = train.build_loader(args, train.build_base(args), None, 64, 0, 1)
+    view = dataset.transform
+    assert isinstance(view, data.DeclipView) and view.scale == (0.5, 1.0)
+    assert view.p_gray == 0 and view.jitter[3] == 0.05
+    args = train.get_args(["--method", "clip"])  # CLIP's own mild view unless asked
+    args.context_length = 32
+    assert not isinstance(train.build_loader(args, train.build_base(args), None, 64, 0, 1)[0]
+                          .transform, data.DeclipView)
