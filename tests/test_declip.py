@@ -145,15 +145,16 @@ def test_bidirectional_text_pass_sees_the_right_context_but_not_padding():
     eot = (ids == EOT).int().argmax(1)
     later = ids.clone()
     later[0, eot[0] - 1] = (later[0, eot[0] - 1] + 1) % SOT         # the last real token of row 0
-    padded = ids.clone()
-    padded[1, eot[1] + 1:] = 7                                     # padding of row 1 changes
+    r = int(eot.argmin())                 # the shortest caption: its padding lies inside the
+    padded = ids.clone()                  # prefix the tower runs on (up to the batch's last EOT)
+    padded[r, eot[r] + 1:] = 7
     for causal in (True, False):
         _, t = clip.encode_text(ids, return_tokens=True, causal=causal)
         _, t_later = clip.encode_text(later, return_tokens=True, causal=causal)
         _, t_pad = clip.encode_text(padded, return_tokens=True, causal=causal)
         # the first real token sees the last one only without the causal mask
         assert torch.allclose(t[0, 1], t_later[0, 1], atol=1e-6) == causal
-        assert torch.allclose(t[1, :eot[1] + 1], t_pad[1, :eot[1] + 1], atol=1e-6)
+        assert torch.allclose(t[r, :eot[r] + 1], t_pad[r, :eot[r] + 1], atol=1e-6)
 
 
 def test_official_weights_fold_views_into_clip_term():
