@@ -21,12 +21,14 @@ M masked tokens.
     loss.backward()
 
 Choices (and where they differ from the paper or the official code, SPEC 3b):
-- One text pass, shared with MLM (as the official code): the original caption is masked, and the
-  *masked* caption's EOT feature is z_txt for every contrastive term and for the queue. The paper's
-  Fig. 5(b) suggests a separate MLM pass; that costs a third text forward per step, while sharing
-  makes MLM nearly free (one (M, W) x (W, V) matmul). The text tower stays causal, so a token's
-  feature sees only its left context: MLM here predicts a masked token from the tokens before it.
-  The augmented caption (ids_aug) is never masked.
+- `mlm_pass` (MLM_PASSES). "shared" (default, the official code): the original caption is masked,
+  and the *masked* caption's EOT feature is z_txt for every contrastive term and for the queue;
+  MLM is nearly free (one (M, W) x (W, V) matmul), but the tower is causal, so MLM predicts a
+  token from its left context only. "separate": z_txt from the unmasked caption, MLM from a
+  causal pass over the masked one (the paper's Fig. 5(b) reading), batched into the same
+  encode_text call. "bidirectional": that MLM pass attends both ways, padding masked (BERT's
+  MLM). On CPU, tiny-rn at batch 64, a step costs 1.05x / 1.03x the shared one (bench.py --only
+  mlm). The augmented caption (ids_aug) is never masked.
 - Masking is Bernoulli(p) per real token (the official code), not exactly 15% per caption, and
   needs no Python loop. Real tokens lie strictly between SOT and EOT, so padding is never chosen
   even though its id (0) is also the byte "!", which *is* chosen where it is a real token.
@@ -49,7 +51,8 @@ Choices (and where they differ from the paper or the official code, SPEC 3b):
   encode_text call; for a ResNet tower (BatchNorm) that means BN statistics over both views.
   Cost on CPU (tiny preset, batch 32, fwd + bwd + AdamW): ~2.2-2.4x a CLIP step, of which the
   second views alone are ~1.8x; activations ~2x (paper, RN50 on GPUs: 1.5x time, 1.44x memory).
-- `loss="siglip"`: DeCLIP owns the bias `logit_bias` (init -10) and resets clip.logit_scale to
+- `loss="siglip"`: DeCLIP owns the bias `logit_bias` (init `logit_bias_init`, else -10; train.py
+  passes -log(global batch)) and resets clip.logit_scale (to `logit_scale_init`, else)
   log 10 (SPEC 4); every contrastive term becomes siglip_loss.
 - Distributed: every loss is exact under DDP (gradients equal one process on the global batch).
   SimSiam's BatchNorm layers are GlobalBatchNorm1d, which take their statistics over all ranks on
@@ -57,7 +60,7 @@ Choices (and where they differ from the paper or the official code, SPEC 3b):
   nn.SyncBatchNorm.convert_sync_batchnorm(clip.visual) for exactness. Wrap DeCLIP in DDP with
   broadcast_buffers=False: the queue is identical on all ranks, and re-sending it costs time.
 
-Left out: a separate bidirectional MLM pass, MLM on the augmented caption, the official code's
+Left out: MLM on the augmented caption, the official code's
 per-GPU queues and NN(text_aug) term, any other self-supervision (MoCo, SimCSE).
 """
 
