@@ -316,6 +316,35 @@ def lr_at(step, total, warmup, base_lr):
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def clip_gradients(parameters, max_norm=None):
+    """The gradients' global L2 norm, which is the step's finite check, and clipping to max_norm
+    with it if given. clip_grad_norm_ would also multiply every gradient by 1 when there is no
+    --grad-clip: that second pass over the gradients is skipped. No host sync here."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm or float("inf"))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
+
+
+# ----------------------------------------------------------------------------- logs
+
+def log_line(record, total, eta_seconds):
+    """One plain line for logs that are files (SLURM, nohup), where tqdm prints nothing: the
+    total loss, then its terms (those switched off, exactly 0, are left out)."""
+    skip = {"total", "step", "epoch", "lr", "samples_per_s", "bad_steps", "skipped_samples"}
+    terms = " ".join([f"total {record['total']:.4f}"] + [f"{k} {v:.4f}" for k, v in
+                                                          record.items() if k not in skip and v])
+    line = (f"step {record['step']}/{total} | {terms} | lr {record['lr']:.3g} | "
+            f"{record['samples_per_s']:.1f} samples/s | ETA "
+            f"{datetime.timedelta(seconds=round(eta_seconds))}")
+    extra = [f"{record[k]} {k.replace('_', ' ')}" for k in ("bad_steps", "skipped_samples")
+             if record.get(k)]
+    return line + "".join(f" | {e}" for e in extra)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, state):
@@ -337,10 +366,11 @@ def load_resume(args):
         if args.resume == "auto":
             return None  # first start of a run launched with --resume auto (torchrun restarts)
         raise SystemExit(f"--resume {path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    try:  # our checkpoints hold tensors and plain Python types only: no code runs on load
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"--resume {path}: unreadable checkpoint ({type(e).__name__}); "
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SystemExit(f"--resume {path}: unreadable checkpoint ({type(e).__name__}: {why}); "
                          f"delete it or resume from another file") from None
 
 
@@ -469,8 +499,7 @@ def main(argv=None):
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             # DDP made the gradients identical on every rank, so every rank takes the same decision.
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), args.grad_clip if args.grad_clip else float("inf"))
+            grad_norm = clip_gradients(model.parameters(), args.grad_clip)
             finite = bool(torch.isfinite(grad_norm))  # the one host sync of the step
             if finite:
                 scaler.step(optimizer)
@@ -507,6 +536,10 @@ def main(argv=None):
                     log.flush()
                     progress.set_postfix(loss=record.get("total"), sps=record["samples_per_s"],
                                          lr=f"{lr:.2e}")
+                    if not sys.stdout.isatty():  # SLURM, nohup: tqdm is silent, print a line
+                        seconds = time.perf_counter() - t_start
+                        eta = seconds / (step - first_step) * (total - step)
+                        print(log_line(record, total, eta), flush=True)
             if is_main:
                 progress.update(1)
             if args.eval_every and step % args.eval_every == 0 and step < total:

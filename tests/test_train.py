@@ -34,8 +34,9 @@ def run_script(args, launcher=(sys.executable,), check=True):
 
 
 def weights(out_dir):
+    """A checkpoint, loaded as --resume loads it: plain types and tensors only."""
     return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu",
-                      weights_only=False)
+                      weights_only=True)
 
 
 def assert_identical(ckpt_a, ckpt_b):
@@ -100,9 +101,17 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     assert torch.equal(ckpt["model"]["projector.1.running_var"], torch.ones(1024))
 
 
-def test_clip_method_trains_and_evaluates(tmp_path):
+def test_clip_method_trains_and_evaluates_and_logs_plain_lines(tmp_path, capsys):
+    """Under pytest stdout is not a terminal (as under SLURM): a plain line every --log-every
+    step on rank 0, with the loss terms, lr, samples/s and ETA."""
     result = train.main(TINY + ["--method", "clip", "--steps", "3", "--output", str(tmp_path)])
     assert set(result) >= {"top1", "top5"} and 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
+    fields = lines[0].split(" | ")
+    assert fields[1].startswith("total ") and " clip " in fields[1] and "mvs" not in fields[1]
+    assert fields[2].startswith("lr ") and fields[3].endswith(" samples/s")
+    assert fields[4].startswith("ETA 0:") and lines[-1].endswith("ETA 0:00:00")
     ckpt = weights(tmp_path)
     assert ckpt["step"] == 3 and ckpt["merges"] is not None
     assert not any(k.startswith(("projector", "queue", "mlm_head")) for k in ckpt["model"])
@@ -134,6 +143,25 @@ def test_resume_refuses_broken_or_foreign_checkpoints(tmp_path):
     with pytest.raises(SystemExit, match="unreadable checkpoint"):
         train.main(TINY + ["--steps", "1", "--output", str(tmp_path / "c"),
                            "--resume", str(broken)])
+
+
+def test_clip_gradients_equals_clip_grad_norm():
+    """The finite check's norm, and clipping only when asked (clip_grad_norm_'s numbers)."""
+    torch.manual_seed(0)
+    make = lambda: [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for max_norm in (None, 0.5):
+        ours, ref = make(), make()
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours[1].grad = None  # e.g. a locked tower
+        ref[1].grad = None
+        norm = train.clip_gradients(ours, max_norm)
+        expected = torch.nn.utils.clip_grad_norm_(ref, max_norm or float("inf"))
+        assert torch.allclose(norm, expected)
+        assert all(p.grad is None or torch.equal(p.grad, q.grad) for p, q in zip(ours, ref))
+    ours[0].grad[0, 0] = float("nan")
+    assert not torch.isfinite(train.clip_gradients(ours))
 
 
 def test_lr_schedule():
