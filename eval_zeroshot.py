@@ -25,9 +25,10 @@ Usage:
     from eval_zeroshot import evaluate_builtin
     metrics = evaluate_builtin(model, tokenizer, n=1000)  # {"top1": 0.41, "top5": 0.83, "n": 1000}
 
-Deliberately left out: other zero-shot benchmarks (VTAB, retrieval), multi-GPU evaluation, mixed
-precision (fp32 is fast enough for evaluation), and CLIP's per-dataset hand-tuned class names beyond
-the lists shipped in assets/. Accuracies are fractions in [0, 1]; the CLI prints percentages.
+Deliberately left out: other zero-shot benchmarks (VTAB; retrieval is in retrieval.py), multi-GPU
+evaluation, mixed precision (fp32 is fast enough for evaluation), and CLIP's per-dataset
+hand-tuned class names beyond the lists shipped in assets/. Accuracies are fractions in [0, 1];
+the CLI prints percentages.
 """
 import argparse
 import json
