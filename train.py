@@ -36,10 +36,10 @@ import data
 import eda
 from declip import MLM_PASSES, DeCLIP
 import eval_zeroshot
-from bert import WordPieceTokenizer
 from clip import PRESETS as PRESETS_CLIP
 from losses import clamp_logit_scale_
-from pretrained import create_model, lock_tower, param_groups, train_mode
+from pretrained import (create_model, load_tokenizer, lock_tower, param_groups, tokenizer_state,
+                        train_mode)
 from tokenizer import Tokenizer
 
 DEMO_STEPS = 300  # DeCLIP on 2 CPU cores: about 5 minutes with the evaluation
@@ -54,6 +54,12 @@ PRESETS = {
     # The medium-scale study: ViT-S/16, global batch 2048 (256 x 8), 24 epochs, 2,000 warm-up steps.
     "study-vits-cc3m": dict(model="ViT-S-16", data="cc3m", method="clip", batch_size=256, epochs=24,
                             lr=1e-3, wd=0.1, warmup=2000, queue_size=65536, zeroshot="imagenet"),
+    # The study's best row (Fig. 2 with Fig. 3's SigLIP): DINO ViT-S/16 and XLM-RoBERTa, both in
+    # Hugging Face format (facebook/dino-vits16, xlm-roberta-base downloaded to these folders).
+    "study-dino-xlmr-siglip-cc3m": dict(
+        model="ViT-S-16", data="cc3m", method="clip", loss="siglip", batch_size=256, epochs=24,
+        lr=1e-3, wd=0.1, warmup=2000, zeroshot="imagenet",
+        pretrained_image="hf-vit:data/dino-vits16", pretrained_text="xlmr:data/xlm-roberta-base"),
 }
 
 
@@ -88,8 +94,10 @@ def get_args(argv=None):
                    help="FLIP: fraction of patches dropped")
     p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
     p.add_argument("--tome-r", type=int, default=0, help="ToMe: tokens merged per ViT block")
-    p.add_argument("--pretrained-image", default=None, help="dino:FILE or tv-resnet50:FILE")
-    p.add_argument("--pretrained-text", default=None, help="bert:DIR (weights + vocab.txt)")
+    p.add_argument("--pretrained-image", default=None,
+                   help="dino:FILE, hf-vit:DIR (Hugging Face ViTModel) or tv-resnet50:FILE")
+    p.add_argument("--pretrained-text", default=None,
+                   help="bert:DIR or xlmr:DIR (Hugging Face weights + their tokenizer files)")
     p.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower body")
     p.add_argument("--lock-text", action="store_true", help="freeze the text tower body")
     p.add_argument("--image-lr", type=float, default=None, help="image tower lr (default --lr)")
@@ -259,11 +267,9 @@ def default_queue_size(total_steps, global_batch):
 
 def build_tokenizer(args, base, checkpoint):
     """Returns (tokenizer, merges to store in checkpoints: None stands for OpenAI's vocabulary)."""
-    if args.pretrained_text:  # BERT brings its own WordPiece vocabulary (stored as "wordpiece")
-        path = args.pretrained_text.split(":", 1)[-1]
-        vocab = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "vocab.txt")
+    if args.pretrained_text:  # BERT, XLM-R bring their own tokenizers (stored as "tokenizer")
         try:
-            return WordPieceTokenizer.from_vocab(vocab), None
+            return load_tokenizer(args.pretrained_text), None
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--pretrained-text: {e}") from None
     if checkpoint is not None:  # resume: the vocabulary travels with the weights
@@ -375,8 +381,8 @@ def main(argv=None):
     if checkpoint is not None and checkpoint["model_config"] != clip.config:
         raise SystemExit(f"--resume: the checkpoint holds another architecture "
                          f"({checkpoint['args'].get('model')}); use the same --model and flags")
-    args.context_length = clip.config["context_length"]
-    image_size = clip.config["image_resolution"]
+    args.context_length = clip.context_length
+    image_size = clip.visual.input_resolution
     steps_per_epoch = len(base) // (args.batch_size * world)
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     if args.queue_size is None:
@@ -434,8 +440,8 @@ def main(argv=None):
 
     def checkpoint_state():
         return {"state_dict": model.clip.state_dict(), "model_config": model.clip.config,
-                "merges": merges, "wordpiece": None if not isinstance(tokenizer, WordPieceTokenizer)
-                else {"vocab": tokenizer.vocab, "lower_case": tokenizer.lower_case},
+                "merges": merges, "tokenizer": args.pretrained_text and tokenizer_state(
+                    args.pretrained_text, tokenizer),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
                 "batch_in_epoch": step % steps_per_epoch, "args": vars(args)}
