@@ -8,6 +8,7 @@ from PIL import Image
 
 import cam
 import clip
+import pretrained
 
 S = 64  # image side of the hand-made cases
 RED, BLUE, GREY = (230, 20, 20), (20, 20, 230), (128, 128, 128)
@@ -133,11 +134,13 @@ def test_constant_image_gives_a_flat_map_without_nan():
     ("tiny-rn", {}, 2),                              # ModifiedResNet: layer4 at R/32
     ("tiny", {}, 8),                                 # ViT: 8 x 8 patches entering the last block
     ("tiny", {"tome_r": 4}, 8),                      # ToMe is switched off for the map
-    ("tiny-rn", {"image_tower": "tv-resnet18"}, 2),  # torchvision's ResNet (pretrained.py)
+    ("tiny-rn", {"image_tower": dict(kind="tv-resnet18", arch="resnet18", output_dim=128,
+                                     input_resolution=64)}, 2),  # torchvision's (pretrained.py)
 ])
 def test_shapes_and_range_on_every_tower(name, overrides, grid):
     torch.manual_seed(0)
-    model = clip.create_model(name, vocab_size=515, transformer_layers=1, **overrides).train()
+    config = {**clip.PRESETS[name], "vocab_size": 515, "transformer_layers": 1, **overrides}
+    model = pretrained.from_config(config).train()  # pretrained.py builds module towers too
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         z_own = model.eval().encode_image(images)  # the text "is" the image: positive evidence
