@@ -41,6 +41,7 @@ import unicodedata
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 LN_EPS = 1e-12  # BERT's LayerNorm epsilon
 
@@ -88,6 +89,7 @@ class BertModel(nn.Module):
                  hidden=None, eps=LN_EPS):
         super().__init__()
         self.width, self.context_length, self.vocab_size = width, context_length, vocab_size
+        self.grad_checkpointing = False  # clip.CLIP.set_grad_checkpointing
         self.config = dict(kind=self.kind, vocab_size=vocab_size, context_length=context_length,
                            width=width, layers=layers, heads=heads,
                            type_vocab_size=type_vocab_size, hidden=hidden, eps=eps)
@@ -114,7 +116,10 @@ class BertModel(nn.Module):
         x = e.LayerNorm(x)
         keep = (ids != self.pad_id)[:, None, None, :]  # (B, 1, 1, L): no query attends to padding
         for layer in self.encoder.layer:
-            x = layer(x, keep)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recompute in backward
+                x = checkpoint(layer, x, keep, use_reentrant=False)
+            else:
+                x = layer(x, keep)
         return x
 
 

@@ -55,6 +55,7 @@ Where we differ from OpenAI's code:
 - ViT patch dropout (FLIP, Li et al. 2023) and token merging (ToMe, tome.py: `tome_r`).
 Left out: OpenCLIP's extras (layer scale, attentional poolers, timm towers, SigLIP logit bias).
 """
+import contextlib
 import math
 import os
 import zipfile
@@ -63,6 +64,38 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+class _BatchNormOnce:
+    """While checkpointing recomputes a forward in backward, BatchNorm normalises with the same
+    batch statistics but must not update its running statistics a second time."""
+
+    def __init__(self, module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(m.momentum, None if m.num_batches_tracked is None
+                       else m.num_batches_tracked.clone()) for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+
+    def __exit__(self, *exc):
+        for m, (momentum, tracked) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def checkpointed(module, *args, **kwargs):
+    """module(*args, **kwargs), keeping only its inputs for backward: the activations inside are
+    recomputed there (activation checkpointing: less memory for ~1/3 more compute)."""
+    if not torch.is_grad_enabled():
+        return module(*args, **kwargs)
+    return checkpoint(module, *args, use_reentrant=False, **kwargs,
+                      context_fn=lambda: (contextlib.nullcontext(), _BatchNormOnce(module)))
 
 
 class QuickGELU(nn.Module):
@@ -126,12 +159,14 @@ class Transformer(nn.Module):
     def __init__(self, width, layers, heads, act="gelu", ln_eps=1e-5):
         super().__init__()
         self.width, self.layers = width, layers
+        self.grad_checkpointing = False  # CLIP.set_grad_checkpointing
         self.resblocks = nn.ModuleList(
             [ResidualAttentionBlock(width, heads, act, ln_eps) for _ in range(layers)])
 
     def forward(self, x, is_causal=False, attn_bias=None):  # (B, L, W) -> (B, L, W)
+        run = checkpointed if self.grad_checkpointing else lambda block, *a, **k: block(*a, **k)
         for block in self.resblocks:
-            x = block(x, is_causal=is_causal, attn_bias=attn_bias)
+            x = run(block, x, is_causal=is_causal, attn_bias=attn_bias)
         return x
 
 
@@ -274,6 +309,7 @@ class ModifiedResNet(nn.Module):
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
         self.input_resolution, self.output_dim = input_resolution, output_dim
+        self.grad_checkpointing = False  # CLIP.set_grad_checkpointing: one checkpoint per stage
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
@@ -300,8 +336,9 @@ class ModifiedResNet(nn.Module):
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)
         x = F.relu(self.bn3(self.conv3(x)), inplace=True)  # (B, W, R/2, R/2)
         x = self.avgpool(x)  # (B, W, R/4, R/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32 W, R/32, R/32)
-        return self.attnpool(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = checkpointed(stage, x) if self.grad_checkpointing else stage(x)
+        return self.attnpool(x)  # x: (B, 32 W, R/32, R/32)
 
 
 # ----------------------------------------------------------------------------- composing CLIP
@@ -426,6 +463,18 @@ class CLIP(nn.Module):
                 nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
                 nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing in both towers (OpenAI's, torchvision's ResNet, BERT, XLM-R):
+        each block (ResNet: each stage) keeps only its input for backward and recomputes the rest
+        there. Gradients are unchanged; ViT blocks with ToMe merging run without it."""
+        towers = [self.visual.transformer if hasattr(self.visual, "transformer") else self.visual,
+                  self.transformer if self.text is None else self.text]
+        for tower in towers:
+            if not hasattr(tower, "grad_checkpointing"):
+                raise ValueError(f"{type(tower).__name__} has no grad_checkpointing switch; "
+                                 f"add one (see clip.checkpointed) or train without it")
+            tower.grad_checkpointing = enable
 
     def encode_image(self, images, normalize=False):  # (B, 3, R, R) -> (B, D)
         z = self.visual(images)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 import bert
 import xlmr
-from clip import CLIP, PRESETS, VisionTransformer, build_image_tower, split_config
+from clip import CLIP, PRESETS, VisionTransformer, build_image_tower, checkpointed, split_config
 from clip import from_config as clip_from_config, load_checkpoint as clip_load_checkpoint
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -76,9 +76,16 @@ class TorchvisionResNetTower(nn.Module):
         self.config = dict(kind=f"tv-{name}", arch=name, output_dim=output_dim,
                            input_resolution=input_resolution)
         self.resnet = getattr(torchvision.models, name)(num_classes=output_dim)
+        self.grad_checkpointing = False  # clip.CLIP.set_grad_checkpointing: per stage
 
     def forward(self, x):  # (B, 3, R, R) -> (B, D)
-        return self.resnet(x)
+        if not self.grad_checkpointing:
+            return self.resnet(x)
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))  # (B, C, R/4, R/4)
+        for stage in (r.layer1, r.layer2, r.layer3, r.layer4):
+            x = checkpointed(stage, x)
+        return r.fc(torch.flatten(r.avgpool(x), 1))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,5 +1,6 @@
 """Tests for clip.py: presets, OpenAI/OpenCLIP equivalence, checkpoints, pooling, masking."""
 import ast
+import copy
 import math
 import os
 
@@ -412,7 +413,7 @@ def test_clip_needs_torch_only_and_files_import_no_cycle():
                                          if isinstance(n, ast.ImportFrom) and n.module}
         graph[name] = imported(ast.walk(tree)) & project
         top_level[name] = imported(tree.body)
-    assert top_level["clip"] <= {"math", "os", "zipfile", "collections", "torch"}
+    assert top_level["clip"] <= {"contextlib", "math", "os", "zipfile", "collections", "torch"}
     assert graph["clip"] == {"tome"} and graph["tome"] == set()
     done, path = set(), []
 
@@ -427,3 +428,50 @@ def test_clip_needs_torch_only_and_files_import_no_cycle():
 
     for name in sorted(project):
         visit(name)
+
+
+def _grads_and_buffers(model, images, ids):
+    z_img, z_txt, scale = model(images, ids)
+    loss = (scale * z_img @ z_txt.T).logsumexp(dim=1).mean() - (scale * (z_img * z_txt).sum(1)).mean()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny-rn", {}),                                        # ModifiedResNet: BatchNorm inside
+    ("tiny", {}),                                           # ViT + text Transformer
+    ("tiny-rn", {"image_tower": dict(kind="tv-resnet18", arch="resnet18", output_dim=128,
+                                     input_resolution=64)}),  # torchvision's ResNet
+])
+def test_grad_checkpointing_changes_nothing_but_memory(name, overrides):
+    """Same loss, gradients (1e-6) and BatchNorm statistics with activation checkpointing; and
+    it really checkpoints: autograd keeps fewer tensors for backward."""
+    import pretrained
+    torch.manual_seed(0)
+    config = {**clip.PRESETS[name], "vocab_size": 300, "transformer_layers": 2, **overrides}
+    plain = pretrained.from_config(config).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    images, ids = torch.randn(4, 3, 64, 64), torch.randint(1, 298, (4, 12))
+    ids[:, -1] = 299
+    plain.eot_id = ckpt.eot_id = 299 if plain.text is None else None
+    loss_a, grads_a, bufs_a = _grads_and_buffers(plain, images, ids)
+    loss_b, grads_b, bufs_b = _grads_and_buffers(ckpt, images, ids)
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for n in grads_a:
+        assert torch.allclose(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5), n
+    for n in bufs_a:  # running statistics updated once, not again by the recomputation
+        assert torch.equal(bufs_a[n], bufs_b[n]), n
+
+    def saved_bytes(model):
+        total = []
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            z_img, z_txt, _ = model(images, ids)
+        return sum(total)
+    assert saved_bytes(ckpt) < 0.7 * saved_bytes(plain)
