@@ -244,7 +244,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=1000, help="builtin: number of eval images")
     p.add_argument("--data-seed", type=int, default=0, help="builtin: which built-in dataset")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=min(4, (os.cpu_count() or 2) // 2))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the result dict to this file")
     args = p.parse_args(argv)
