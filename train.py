@@ -335,6 +335,14 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def same_architecture(saved, current):
+    """Do two model configs describe one architecture? Configs written before the tower contract
+    carry image_tower=None / text_tower=None for OpenAI's towers; today those keys are absent."""
+    def norm(config):
+        return {k: v for k, v in config.items() if not (k.endswith("_tower") and v is None)}
+    return norm(saved) == norm(current)
+
+
 def load_resume(args):
     if args.resume is None:
         path = os.path.join(args.output, "checkpoint.pt")
@@ -387,7 +395,7 @@ def main(argv=None):
             clip.set_grad_checkpointing(True)
         except ValueError as e:
             raise SystemExit(f"--grad-checkpointing: {e}") from None
-    if checkpoint is not None and checkpoint["model_config"] != clip.config:
+    if checkpoint is not None and not same_architecture(checkpoint["model_config"], clip.config):
         raise SystemExit(f"--resume: the checkpoint holds another architecture "
                          f"({checkpoint['args'].get('model')}); use the same --model and flags")
     args.context_length = clip.context_length

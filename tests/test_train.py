@@ -239,3 +239,12 @@ def test_grad_checkpointing_flag_trains_the_same_weights(tmp_path, monkeypatch):
     assert {type(fn).__name__ for fn in calls} == {"Sequential", "ResidualAttentionBlock"}
     for k, v in runs[False].items():
         assert torch.allclose(v.float(), runs[True][k].float(), atol=1e-5), k
+
+
+def test_checkpoints_from_before_the_tower_contract_still_resume():
+    import clip
+    current = clip.create_model("tiny-rn", vocab_size=300).config
+    older = {**current, "image_tower": None, "text_tower": None}  # how they were written before
+    assert train.same_architecture(older, current)
+    assert not train.same_architecture({**older, "vision_width": 32}, current)
+    assert not train.same_architecture({**current, "text_tower": {"kind": "bert"}}, current)
