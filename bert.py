@@ -8,8 +8,11 @@ pre-trained encoder. This file is BERT (Devlin et al. 2019) with the module name
     x = LayerNorm(x + attn(x)); x = LayerNorm(x + W2 gelu(W1 x))       # post-LN, per layer
     padding keys (id 0 = [PAD]) are masked; attention is bidirectional; GELU is erf-exact.
 
-CLIP(text_tower="bert") holds it as `clip.bert` and takes the [CLS] (position 0) feature times
-`text_projection` as z_txt; per-token features (for DeCLIP's MLM head) are the last hidden states.
+BertModel keeps clip.py's text-tower contract (forward(ids) -> (B, L, W), width, context_length,
+vocab_size, config): pretrained.create_model(text="bert:DIR") puts it in a CLIP as `clip.text`,
+which takes the [CLS] (position 0) feature times `text_projection` as z_txt; per-token features
+(for DeCLIP's MLM head) are the last hidden states. XLM-R (xlmr.py) is this network with
+RoBERTa's positions and padding id.
 
 Shapes: B batch, L tokens, W width, H heads, V vocabulary.
 
@@ -19,6 +22,7 @@ Usage:
     sd, cfg = load_hf_bert("bert-base-uncased/")                         # our names, sizes
     bert = BertModel(**cfg); bert.load_state_dict(sd)                    # pretrained.py does this
     tokens = bert(ids)                                                   # (1, 77, 768)
+    config, sd, path = read_hf_folder("some-model/", ("vit",), "a ViTModel")  # any HF folder
 
 WordPiece as BERT's tokenizer: clean the text (drop control characters, whitespace to spaces),
 NFC, spaces around CJK ideographs, split on whitespace; for uncased vocabularies lower-case and
@@ -37,25 +41,28 @@ import unicodedata
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 LN_EPS = 1e-12  # BERT's LayerNorm epsilon
 
 
 class BertLayer(nn.Module):
-    """One post-LN encoder layer; nn.ModuleDicts only reproduce HF's parameter names."""
+    """One post-LN encoder layer; nn.ModuleDicts only reproduce HF's parameter names. `hidden`:
+    the MLP's width (default 4 W), `eps`: the LayerNorms' epsilon."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, hidden=None, eps=LN_EPS):
         super().__init__()
         if width % heads:
             raise ValueError(f"BERT width {width} is not divisible by {heads} heads")
         self.heads = heads
+        hidden = hidden or 4 * width
         self.attention = nn.ModuleDict({
             "self": nn.ModuleDict({n: nn.Linear(width, width) for n in ("query", "key", "value")}),
             "output": nn.ModuleDict({"dense": nn.Linear(width, width),
-                                     "LayerNorm": nn.LayerNorm(width, eps=LN_EPS)})})
-        self.intermediate = nn.ModuleDict({"dense": nn.Linear(width, 4 * width)})
-        self.output = nn.ModuleDict({"dense": nn.Linear(4 * width, width),
-                                     "LayerNorm": nn.LayerNorm(width, eps=LN_EPS)})
+                                     "LayerNorm": nn.LayerNorm(width, eps=eps)})})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(width, hidden)})
+        self.output = nn.ModuleDict({"dense": nn.Linear(hidden, width),
+                                     "LayerNorm": nn.LayerNorm(width, eps=eps)})
 
     def forward(self, x, keep):  # x (B, L, W), keep (B, 1, 1, L) True for real keys
         B, L, W = x.shape
@@ -69,36 +76,54 @@ class BertLayer(nn.Module):
 
 
 class BertModel(nn.Module):
-    """BERT encoder: ids (B, L) -> last hidden states (B, L, W). [PAD] must be id 0."""
+    """BERT encoder: ids (B, L) -> last hidden states (B, L, W). [PAD] must be id 0.
 
-    def __init__(self, vocab_size, context_length, width, layers, heads, type_vocab_size=2):
+    A CLIP text tower (clip.py's contract): `width`, `context_length`, `vocab_size`, and `config`,
+    which rebuilds it (BertModel(**config minus "kind")); "kind" names it in pretrained.TOWERS.
+    """
+
+    kind, pad_id = "bert", 0
+    position_offset = 0  # position rows beyond context_length (RoBERTa: padding_idx + 1)
+
+    def __init__(self, vocab_size, context_length, width, layers, heads, type_vocab_size=2,
+                 hidden=None, eps=LN_EPS):
         super().__init__()
+        self.width, self.context_length, self.vocab_size = width, context_length, vocab_size
+        self.grad_checkpointing = False  # clip.CLIP.set_grad_checkpointing
+        self.config = dict(kind=self.kind, vocab_size=vocab_size, context_length=context_length,
+                           width=width, layers=layers, heads=heads,
+                           type_vocab_size=type_vocab_size, hidden=hidden, eps=eps)
         self.embeddings = nn.ModuleDict({
             "word_embeddings": nn.Embedding(vocab_size, width),
-            "position_embeddings": nn.Embedding(context_length, width),
+            "position_embeddings": nn.Embedding(context_length + self.position_offset, width),
             "token_type_embeddings": nn.Embedding(type_vocab_size, width),
-            "LayerNorm": nn.LayerNorm(width, eps=LN_EPS)})
-        self.encoder = nn.ModuleDict({
-            "layer": nn.ModuleList([BertLayer(width, heads) for _ in range(layers)])})
+            "LayerNorm": nn.LayerNorm(width, eps=eps)})
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(
+            [BertLayer(width, heads, hidden, eps) for _ in range(layers)])})
         for m in self.modules():  # BERT's initialisation (LayerNorms keep ones and zeros)
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
+    def position_ids(self, ids):  # (B, L) -> (L,): BERT counts every position, padding included
+        return torch.arange(ids.shape[1], device=ids.device)
+
     def forward(self, ids):  # (B, L) -> (B, L, W)
         e = self.embeddings
-        L = ids.shape[1]
-        x = (e.word_embeddings(ids) + e.position_embeddings.weight[:L]
+        x = (e.word_embeddings(ids) + e.position_embeddings(self.position_ids(ids))
              + e.token_type_embeddings.weight[0])  # one segment: token type 0 everywhere
         x = e.LayerNorm(x)
-        keep = (ids != 0)[:, None, None, :]  # (B, 1, 1, L): no query attends to padding
+        keep = (ids != self.pad_id)[:, None, None, :]  # (B, 1, 1, L): no query attends to padding
         for layer in self.encoder.layer:
-            x = layer(x, keep)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recompute in backward
+                x = checkpoint(layer, x, keep, use_reentrant=False)
+            else:
+                x = layer(x, keep)
         return x
 
 
-# ----------------------------------------------------------------------------- weights
+# ----------------------------------------------------------------------------- Hugging Face files
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
@@ -122,6 +147,64 @@ def read_safetensors(path):
     return out
 
 
+def read_weights(path):
+    """A state dict from model.safetensors (parsed here) or pytorch_model.bin (tensors only)."""
+    try:
+        if os.fspath(path).endswith(".safetensors"):
+            return read_safetensors(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # struct/JSON/unpickling errors: say what happened in one line
+        raise ValueError(f"{path}: cannot read the weights ({type(e).__name__}); expected a "
+                         "safetensors file or a tensor-only torch file") from None
+
+
+def read_hf_folder(folder, model_types, what):
+    """(config.json as a dict, state dict, weights path) of a Hugging Face model folder.
+
+    config.json's model_type must be one of `model_types`; the weights are model.safetensors, or
+    pytorch_model.bin if there is none. Errors are one line that names the file and `what` was
+    expected (e.g. "a Hugging Face ViTModel folder").
+    """
+    folder = os.fspath(folder)
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file}: no such file (expected {what}: config.json "
+                                "and model.safetensors or pytorch_model.bin)")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_file}: not readable JSON ({type(e).__name__})") from None
+    got = config.get("model_type") if isinstance(config, dict) else None
+    if got not in model_types:
+        raise ValueError(f"{config_file}: model_type {got!r}, expected "
+                         f"{' or '.join(map(repr, model_types))} ({what})")
+    files = [os.path.join(folder, f) for f in ("model.safetensors", "pytorch_model.bin")]
+    path = next((f for f in files if os.path.isfile(f)), None)
+    if path is None:
+        raise FileNotFoundError(f"{files[0]}: no such file, nor pytorch_model.bin (the weights "
+                                f"of {what})")
+    return config, read_weights(path), path
+
+
+def copy_weights_(module, sd, path, keep=()):
+    """module.load_state_dict(sd) with one-line errors naming `path`; the parameters named in
+    `keep` stay as they are (e.g. a fresh projection)."""
+    own = module.state_dict()
+    sd = {**{k: own[k] for k in keep}, **sd}
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+             for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(ks)} {what} ({', '.join(ks[:2])}{', ...' if len(ks) > 2 else ''})"
+                 for what, ks in (("missing", missing), ("unexpected", unexpected),
+                                  ("shape mismatches", wrong)) if ks]
+        raise ValueError(f"{path}: weights do not fit this {type(module).__name__}: "
+                         + "; ".join(parts))
+    module.load_state_dict(sd)
+
+
 def load_hf_bert(path, context_length=None):
     """Read HF BERT weights (a directory, pytorch_model.bin or model.safetensors).
 
@@ -137,8 +220,7 @@ def load_hf_bert(path, context_length=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no BERT weights here (put Hugging Face's "
                                 "pytorch_model.bin or model.safetensors and vocab.txt there)")
-    sd = (read_safetensors(path) if path.endswith(".safetensors")
-          else torch.load(path, map_location="cpu", weights_only=True))
+    sd = read_weights(path)
     sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     rename = {".gamma": ".weight", ".beta": ".bias"}  # TF-converted checkpoints' LayerNorm names
     sd = {next((k[:-len(a)] + b for a, b in rename.items() if k.endswith(a)), k): v
@@ -240,6 +322,10 @@ class WordPieceTokenizer:
     def save(self, path):
         with open(path, "w", encoding="utf-8") as f:
             f.write("".join(t + "\n" for t in self.vocab))
+
+    def state(self):
+        """What rebuilds this tokenizer: WordPieceTokenizer(**state) (checkpoints keep it)."""
+        return dict(vocab=list(self.vocab), lower_case=self.lower_case)
 
     def basic_tokenize(self, text):
         """Text -> words and punctuation marks, before WordPiece."""

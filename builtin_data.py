@@ -61,6 +61,8 @@ SHAPES = {
     "diamond": ([(0, -1), (.7, 0), (0, 1), (-.7, 0)], ("diamond", "rhombus", "lozenge")),
 }
 GRID = 3  # the image is a GRID x GRID array of cells; every object sits inside one cell
+COPIES = (3, 5)  # how many copies of the main object
+RADIUS = (0.12, 0.15)  # the main object's radius, as a fraction of the side
 PREFIXES = ("photo of", "stock image:", "illustration of", "close-up of", "an image of",
             "picture of", "clipart:", "icon of", "image may contain:")
 SUFFIXES = ("free download", "vector illustration", "stock photo", "royalty free", "hd wallpaper",
@@ -138,8 +140,8 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         colour, shape = names[label // len(SHAPES)], shapes[label % len(SHAPES)]
         cell = S / GRID
         cells = rng.sample(range(GRID * GRID), GRID * GRID)
-        n_main = rng.randint(3, 5)
-        r = rng.uniform(0.12, 0.15) * S
+        n_main = rng.randint(*COPIES)
+        r = rng.uniform(*RADIUS) * S
         rgb = colour_rgb(colour, rng)
         main = [self._place(cells[k], r, cell, rng) for k in range(n_main)]
         others = []

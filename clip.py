@@ -1,8 +1,9 @@
 """CLIP: an image tower and a text tower trained to agree (Radford et al. 2021; DeCLIP Sec. 3.1).
 
-All of CLIP in one file: CLIP's ModifiedResNet (RN50/RN101) and ViT image towers, the GPT-2-style
-text tower, presets, and loaders for OpenAI, OpenCLIP and declip-mini checkpoints. Parameter names
-and shapes are OpenAI's, so released weights load unchanged (`build_model` reads sizes from shapes).
+All of OpenAI's CLIP in one file: the ModifiedResNet (RN50/RN101) and ViT image towers, the
+GPT-2-style text tower, presets, and loaders for OpenAI, OpenCLIP and declip-mini checkpoints.
+Parameter names and shapes are OpenAI's, so released weights load unchanged (`build_model` reads
+sizes from shapes).
 
     z_img = normalize(image_tower(x)),  z_txt = normalize(text_tower(t)),  sim = e^t z_img @ z_txt.T
 
@@ -13,6 +14,37 @@ Usage:
     model = load_checkpoint("ViT-B-32.pt")             # OpenAI JIT / state dict, OpenCLIP, or ours
     z_img, z_txt, scale = model(images, ids)           # (B, D), (B, D), []
     logits = scale * z_img @ z_txt.T                   # (B, B)
+    model = CLIP(512, dict(image_resolution=224, vision_layers=12, vision_width=768,
+                           vision_patch_size=32), my_text_tower)   # any tower module
+
+How a CLIP is composed: `CLIP(embed_dim, vision, text)`, each tower either
+- a dict of OpenAI's settings (VISION_KEYS / TEXT_KEYS, the names of OpenAI's build_model; the
+  presets are such dicts, flat): this file builds OpenAI's tower with OpenAI's parameter names
+  (`visual.*`; the text tower flat on the CLIP: token_embedding, positional_embedding,
+  transformer.*, ln_final), so released checkpoints load; or
+- an nn.Module built elsewhere that keeps this contract (pretrained.py builds the DINO, Hugging
+  Face ViT, torchvision ResNet, BERT and XLM-R towers from "kind:PATH" specs):
+  image tower, stored as `visual`:
+    forward(images (B, 3, R, R)) -> (B, D), already in the joint space (it owns its projection);
+    `input_resolution` R; `output_dim` D (= embed_dim);
+    `projection`: names, relative to the tower, of the parameters (or modules) that map into the
+      joint space; the rest is the tower's *body*, which LiT locking freezes and image_lr scales
+      (pretrained.py);
+    `config`: a dict that rebuilds the architecture (not the weights). With a "kind" key it
+      names the tower's entry in pretrained.TOWERS; without one it holds OpenAI's settings and
+      this file rebuilds it (DINO and HF ViT weights load into OpenAI's ViT this way).
+  text tower, stored as `text`:
+    forward(ids (B, L)) -> (B, L, W), the last hidden states; padding (its tokenizer's pad id)
+      must not change the features of real tokens;
+    `width` W, `context_length`, `vocab_size`, `config` (with "kind", as above);
+    z_txt = tokens[:, 0] @ text_projection: bidirectional encoders sum the text up in their first
+      token ([CLS], <s>); a tower may define `pool(tokens, ids) -> (B, W)` to pool otherwise;
+    its ids are its own vocabulary: the tokenizer that comes with its weights (bert.py, xlmr.py)
+      gives the sot / eot / pad / mask ids that DeCLIP's masking uses. The whole module is the
+      body; `text_projection` (W, D) is the CLIP's and starts fresh.
+`config` is one flat dict: OpenAI's settings of OpenAI's towers, plus "image_tower" / "text_tower"
+holding a module tower's config. `from_config(config, build_tower)` rebuilds any CLIP from it
+(pretrained.from_config passes its builder), so adding a tower never touches this file.
 
 Where we differ from OpenAI's code:
 - The text feature sits at the first position where `ids == eot_id` (equality, never
@@ -21,10 +53,9 @@ Where we differ from OpenAI's code:
 - Mixed precision through `torch.autocast` only: no fp16 weight conversion, plain `nn.LayerNorm`.
 - Selectable activation: "quick_gelu" (OpenAI's weights) or "gelu" (our default for new models).
 - ViT patch dropout (FLIP, Li et al. 2023) and token merging (ToMe, tome.py: `tome_r`).
-- Other towers (SPEC §4's pre-trained init): a DINO-layout ViT, torchvision's ResNet, BERT text
-  (pretrained.py, bert.py; imported only when asked for, so this file alone needs torch only).
-Left out: OpenCLIP's extras (layer scale, attentional poolers, HF/timm towers, SigLIP logit bias).
+Left out: OpenCLIP's extras (layer scale, attentional poolers, timm towers, SigLIP logit bias).
 """
+import contextlib
 import math
 import os
 import zipfile
@@ -33,6 +64,38 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+class _BatchNormOnce:
+    """While checkpointing recomputes a forward in backward, BatchNorm normalises with the same
+    batch statistics but must not update its running statistics a second time."""
+
+    def __init__(self, module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(m.momentum, None if m.num_batches_tracked is None
+                       else m.num_batches_tracked.clone()) for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+
+    def __exit__(self, *exc):
+        for m, (momentum, tracked) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def checkpointed(module, *args, **kwargs):
+    """module(*args, **kwargs), keeping only its inputs for backward: the activations inside are
+    recomputed there (activation checkpointing: less memory for ~1/3 more compute)."""
+    if not torch.is_grad_enabled():
+        return module(*args, **kwargs)
+    return checkpoint(module, *args, use_reentrant=False, **kwargs,
+                      context_fn=lambda: (contextlib.nullcontext(), _BatchNormOnce(module)))
 
 
 class QuickGELU(nn.Module):
@@ -96,12 +159,14 @@ class Transformer(nn.Module):
     def __init__(self, width, layers, heads, act="gelu", ln_eps=1e-5):
         super().__init__()
         self.width, self.layers = width, layers
+        self.grad_checkpointing = False  # CLIP.set_grad_checkpointing
         self.resblocks = nn.ModuleList(
             [ResidualAttentionBlock(width, heads, act, ln_eps) for _ in range(layers)])
 
     def forward(self, x, is_causal=False, attn_bias=None):  # (B, L, W) -> (B, L, W)
+        run = checkpointed if self.grad_checkpointing else lambda block, *a, **k: block(*a, **k)
         for block in self.resblocks:
-            x = block(x, is_causal=is_causal, attn_bias=attn_bias)
+            x = run(block, x, is_causal=is_causal, attn_bias=attn_bias)
         return x
 
 
@@ -132,6 +197,8 @@ class VisionTransformer(nn.Module):
     bias is folded into the patch tokens' positional embedding). `tome_r`: ToMe merges per block,
     an int or one per block (tome.py); it can be changed on a built model.
     """
+
+    projection = ("proj",)  # the tower contract: what maps into the joint space
 
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim,
                  act="gelu", patch_dropout=0.0, ln_pre=True, ln_eps=1e-5, tome_r=0):
@@ -237,9 +304,12 @@ class AttentionPool2d(nn.Module):
 class ModifiedResNet(nn.Module):
     """CLIP's ResNet: 3-conv stem + avg-pool, anti-aliased bottleneck stages, attention pooling."""
 
+    projection = ("attnpool.c_proj",)  # the tower contract: what maps into the joint space
+
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
         self.input_resolution, self.output_dim = input_resolution, output_dim
+        self.grad_checkpointing = False  # CLIP.set_grad_checkpointing: one checkpoint per stage
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
@@ -266,81 +336,116 @@ class ModifiedResNet(nn.Module):
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)
         x = F.relu(self.bn3(self.conv3(x)), inplace=True)  # (B, W, R/2, R/2)
         x = self.avgpool(x)  # (B, W, R/4, R/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32 W, R/32, R/32)
-        return self.attnpool(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = checkpointed(stage, x) if self.grad_checkpointing else stage(x)
+        return self.attnpool(x)  # x: (B, 32 W, R/32, R/32)
+
+
+# ----------------------------------------------------------------------------- composing CLIP
+
+# The settings of OpenAI's towers, in the names of OpenAI's build_model. A CLIP's config is one
+# flat dict of them (presets, checkpoints, overrides); `act` is shared by both towers.
+VISION_KEYS = ("image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+               "vision_heads", "act", "patch_dropout", "vision_ln_pre", "vision_ln_eps", "tome_r")
+TEXT_KEYS = ("context_length", "vocab_size", "transformer_width", "transformer_heads",
+             "transformer_layers", "act", "eot_id")
+
+
+def build_image_tower(embed_dim, image_resolution, vision_layers, vision_width,
+                      vision_patch_size=None, vision_heads=None, act="gelu", patch_dropout=0.0,
+                      vision_ln_pre=True, vision_ln_eps=1e-5, tome_r=0):
+    """OpenAI's image tower: a ModifiedResNet when `vision_layers` is a 4-tuple, else a ViT.
+
+    vision_heads=None follows OpenAI (ViT: width / 64, ResNet: 32 width / 64). vision_ln_pre=False
+    with vision_ln_eps=1e-6 is DINO's ViT layout. `tome_r`: ToMe merges per ViT block (int or
+    list; tome.py); `model.visual.tome_r = r` changes it later (config keeps the value the model
+    was built with). The tower's `config` holds these settings, which rebuild it.
+    """
+    config = dict(image_resolution=image_resolution, vision_layers=vision_layers,
+                  vision_width=vision_width, vision_patch_size=vision_patch_size,
+                  vision_heads=vision_heads, act=act, patch_dropout=patch_dropout,
+                  vision_ln_pre=vision_ln_pre, vision_ln_eps=vision_ln_eps, tome_r=tome_r)
+    if isinstance(vision_layers, (tuple, list)):
+        if patch_dropout or tome_r:
+            raise ValueError("patch_dropout and tome_r need a ViT image tower, not a ResNet")
+        tower = ModifiedResNet(tuple(vision_layers), embed_dim,
+                               vision_heads or vision_width * 32 // 64, image_resolution,
+                               vision_width)
+    else:
+        tower = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                  vision_layers, vision_heads or vision_width // 64, embed_dim,
+                                  act, patch_dropout, vision_ln_pre, vision_ln_eps, tome_r)
+    tower.config = config
+    return tower
+
+
+def _check_contract(tower, names, side):
+    missing = [n for n in names if not hasattr(tower, n)]
+    if missing:
+        raise ValueError(f"the {side} tower {type(tower).__name__} lacks {', '.join(missing)} "
+                         "(the tower contract: clip.py's docstring)")
 
 
 class CLIP(nn.Module):
-    """Both towers, OpenAI's parameter names; `vision_layers` a 4-tuple selects the ModifiedResNet.
+    """Two towers, `text_projection` (W, D) and the logit scale (shape [], as OpenAI's).
 
-    `vision_heads=None` follows OpenAI (ViT: width / 64, ResNet: 32 width / 64). `eot_id` is the
-    token whose first occurrence carries the text feature. `config` holds the constructor arguments.
-    Options beyond OpenAI (defaults give OpenAI's model and state dict):
-    - `vision_ln_pre`, `vision_ln_eps`: ViT without ln_pre, its LayerNorm eps (DINO: False, 1e-6).
-    - `tome_r`: ToMe merges per ViT block (int or list; tome.py). `model.visual.tome_r = r` changes
-      it later (config keeps the value the model was built with).
-    - `image_tower="tv-resnet50"` (any torchvision ResNet): torchvision's ResNet as `visual`
-      (pretrained.py); the vision_* sizes are then unused.
-    - `text_tower="bert"`: a BERT encoder (bert.py) as `self.bert` instead of OpenAI's text
-      parameters, sized by the transformer_*, vocab_size, context_length arguments; z_txt is its
-      [CLS] feature @ text_projection, and eot_id is unused.
+    `vision` / `text`: a dict of OpenAI's settings (VISION_KEYS / TEXT_KEYS; OpenAI's tower is
+    built here, OpenAI's names) or a module that keeps the tower contract (module docstring).
+    `config` is the flat dict that rebuilds the architecture (from_config). Read sizes from the
+    attributes embed_dim, context_length, vocab_size, text_width, and eot_id (OpenAI's text tower:
+    the token whose first occurrence carries z_txt; None for a module text tower).
     """
 
-    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_heads,
-                 transformer_layers, act="gelu", patch_dropout=0.0, eot_id=49407,
-                 vision_heads=None, vision_ln_pre=True, vision_ln_eps=1e-5, tome_r=0,
-                 image_tower=None, text_tower=None):
+    def __init__(self, embed_dim, vision, text):
         super().__init__()
-        self.config = dict(
-            embed_dim=embed_dim, image_resolution=image_resolution, vision_layers=vision_layers,
-            vision_width=vision_width, vision_patch_size=vision_patch_size,
-            context_length=context_length, vocab_size=vocab_size,
-            transformer_width=transformer_width, transformer_heads=transformer_heads,
-            transformer_layers=transformer_layers, act=act, patch_dropout=patch_dropout,
-            eot_id=eot_id, vision_heads=vision_heads, vision_ln_pre=vision_ln_pre,
-            vision_ln_eps=vision_ln_eps, tome_r=tome_r, image_tower=image_tower,
-            text_tower=text_tower)
-        self.context_length, self.vocab_size, self.eot_id = context_length, vocab_size, eot_id
-        self.text_tower = text_tower
-        vit = image_tower is None and not isinstance(vision_layers, (tuple, list))
-        if not vit and (patch_dropout or tome_r):
-            raise ValueError("patch_dropout and tome_r need a ViT image tower, not a ResNet")
-        if image_tower is not None:  # imported here: clip.py alone needs torch only
-            from pretrained import TorchvisionResNetTower
-            self.visual = TorchvisionResNetTower(image_tower, embed_dim, image_resolution)
-        elif not vit:
-            self.visual = ModifiedResNet(tuple(vision_layers), embed_dim,
-                                         vision_heads or vision_width * 32 // 64,
-                                         image_resolution, vision_width)
+        own_visual = not isinstance(vision, nn.Module)
+        self.visual = build_image_tower(embed_dim, **vision) if own_visual else vision
+        _check_contract(self.visual, ("input_resolution", "output_dim", "config"), "image")
+        if self.visual.output_dim != embed_dim:
+            raise ValueError(f"the image tower maps to {self.visual.output_dim} dimensions but "
+                             f"embed_dim is {embed_dim}")
+        if isinstance(text, nn.Module):
+            _check_contract(text, ("width", "context_length", "vocab_size", "config"), "text")
+            self.text = text
+            self.context_length, self.vocab_size = text.context_length, text.vocab_size
+            self.text_width, self.eot_id = text.width, None
+            text_config = {"text_tower": dict(text.config)}
         else:
-            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                            vision_layers, vision_heads or vision_width // 64,
-                                            embed_dim, act, patch_dropout, vision_ln_pre,
-                                            vision_ln_eps, tome_r)
-        if text_tower == "bert":
-            from bert import BertModel
-            self.bert = BertModel(vocab_size, context_length, transformer_width,
-                                  transformer_layers, transformer_heads)
-        elif text_tower is None:
-            self.transformer = Transformer(transformer_width, transformer_layers,
-                                           transformer_heads, act)
-            self.token_embedding = nn.Embedding(vocab_size, transformer_width)
-            self.positional_embedding = nn.Parameter(torch.empty(context_length,
-                                                                 transformer_width))
-            self.ln_final = nn.LayerNorm(transformer_width)
-        else:
-            raise ValueError(f"text_tower={text_tower!r}: use None (OpenAI's) or 'bert'")
-        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+            self.text = None
+            text_config = self._build_text(**text)
+        vision_config = dict(self.visual.config)
+        if "kind" in vision_config:
+            vision_config = {"image_tower": vision_config}
+        acts = {vision_config.get("act", None), text_config.get("act", None)} - {None}
+        if len(acts) > 1:
+            raise ValueError(f"OpenAI's two towers share one act, got {' and '.join(acts)}")
+        self.embed_dim = embed_dim
+        self.config = {"embed_dim": embed_dim, **vision_config, **text_config}
+        self.text_projection = nn.Parameter(torch.empty(self.text_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # shape [] as OpenAI
-        self.initialize_parameters()
+        self.initialize_parameters(own_visual)
 
-    def initialize_parameters(self):
-        """OpenAI's initialisation (ViT, torchvision and BERT towers initialise themselves)."""
-        if self.text_tower is None:
+    def _build_text(self, context_length, vocab_size, transformer_width, transformer_heads,
+                    transformer_layers, act="gelu", eot_id=49407):
+        """OpenAI's text tower, its parameters flat on the CLIP as in OpenAI's checkpoints."""
+        self.context_length, self.vocab_size, self.eot_id = context_length, vocab_size, eot_id
+        self.text_width = transformer_width
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       act)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = nn.LayerNorm(transformer_width)
+        return dict(context_length=context_length, vocab_size=vocab_size,
+                    transformer_width=transformer_width, transformer_heads=transformer_heads,
+                    transformer_layers=transformer_layers, act=act, eot_id=eot_id)
+
+    def initialize_parameters(self, visual=True):
+        """OpenAI's initialisation of OpenAI's towers (`visual`: also the ModifiedResNet's, when
+        this CLIP built it); other towers arrive initialised or loaded."""
+        if self.text is None:
             nn.init.normal_(self.token_embedding.weight, std=0.02)
             nn.init.normal_(self.positional_embedding, std=0.01)
-        if isinstance(self.visual, ModifiedResNet):
+        if visual and isinstance(self.visual, ModifiedResNet):
             pool = self.visual.attnpool
             std = pool.c_proj.in_features ** -0.5
             for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
@@ -349,8 +454,8 @@ class CLIP(nn.Module):
                           self.visual.layer4):
                 for block in stage:
                     nn.init.zeros_(block.bn3.weight)  # each residual branch starts as identity
-        width = self.text_projection.shape[0]
-        if self.text_tower is None:
+        width = self.text_width
+        if self.text is None:
             proj_std = width ** -0.5 * (2 * self.transformer.layers) ** -0.5
             for block in self.transformer.resblocks:
                 nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
@@ -359,24 +464,38 @@ class CLIP(nn.Module):
                 nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing in both towers (OpenAI's, torchvision's ResNet, BERT, XLM-R):
+        each block (ResNet: each stage) keeps only its input for backward and recomputes the rest
+        there. Gradients are unchanged; ViT blocks with ToMe merging run without it."""
+        towers = [self.visual.transformer if hasattr(self.visual, "transformer") else self.visual,
+                  self.transformer if self.text is None else self.text]
+        for tower in towers:
+            if not hasattr(tower, "grad_checkpointing"):
+                raise ValueError(f"{type(tower).__name__} has no grad_checkpointing switch; "
+                                 f"add one (see clip.checkpointed) or train without it")
+            tower.grad_checkpointing = enable
+
     def encode_image(self, images, normalize=False):  # (B, 3, R, R) -> (B, D)
         z = self.visual(images)
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(self, ids, normalize=False, return_tokens=False, causal=True):
         """ids (B, L) -> z (B, D); with return_tokens, (z, token features (B, L, W) for MLM: the
-        ln_final outputs (zeros after the batch's last EOT), or BERT's last hidden states).
+        ln_final outputs (zeros after the batch's last EOT), or a module tower's hidden states).
 
         causal=False runs OpenAI's text tower with bidirectional attention over each caption's
-        tokens up to its EOT (padding is masked out): BERT-style MLM (DeCLIP's separate pass)."""
+        tokens up to its EOT (padding is masked out): BERT-style MLM (DeCLIP's separate pass).
+        Module towers are bidirectional already and ignore it."""
         B, L = ids.shape
         if L > self.context_length:
             n = self.context_length
             raise ValueError(f"ids have {L} tokens but the model's context_length is {n}; "
                              f"tokenize with context_length={n}")
-        if self.text_tower == "bert":  # bidirectional: [CLS] (position 0) sums up the text
-            tokens = self.bert(ids)  # (B, L, W), already layer-normed (post-LN)
-            pooled = tokens[:, 0]
+        if self.text is not None:  # the text contract: tokens, pooled at [CLS]/<s> or by pool()
+            tokens = self.text(ids)  # (B, L, W)
+            pool = getattr(self.text, "pool", None)
+            pooled = tokens[:, 0] if pool is None else pool(tokens, ids)  # (B, W)
         else:
             is_eot = ids == self.eot_id
             # first EOT (argmax of 0/1 returns the first 1); a row without EOT uses its last token
@@ -411,6 +530,41 @@ class CLIP(nn.Module):
         return z_img, z_txt, self.logit_scale.exp()
 
 
+def split_config(config):
+    """A flat CLIP config -> (embed_dim, vision, text): each tower's OpenAI settings, or the
+    module tower's own config ({"kind": ...}) held in "image_tower" / "text_tower"."""
+    known = {"embed_dim", "image_tower", "text_tower", *VISION_KEYS, *TEXT_KEYS}
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        raise ValueError(f"unknown CLIP setting {', '.join(unknown)}; the settings are "
+                         + ", ".join(sorted(known)))
+    towers = []
+    for key, names in (("image_tower", VISION_KEYS), ("text_tower", TEXT_KEYS)):
+        tower = config.get(key)  # None (older checkpoints store it): OpenAI's tower
+        if isinstance(tower, str):
+            raise ValueError(f"{key}={tower!r} is an older config (towers named by strings), "
+                             "which this version does not rebuild; retrain with this version")
+        towers.append(dict(tower) if tower is not None
+                      else {k: config[k] for k in names if k in config})
+    return config["embed_dim"], towers[0], towers[1]
+
+
+def from_config(config, build_tower=None):
+    """The CLIP that `config` (model.config, a checkpoint's "model_config") describes, freshly
+    initialised. A tower config with a "kind" is built by `build_tower(tower_config) -> module`
+    (pretrained.build_tower); OpenAI's towers are built here."""
+    embed_dim, vision, text = split_config(config)
+    towers = []
+    for side, tower in (("image", vision), ("text", text)):
+        if "kind" in tower:
+            if build_tower is None:
+                raise ValueError(f"the {side} tower is {tower['kind']!r}, built outside clip.py: "
+                                 "use pretrained.from_config / pretrained.load_checkpoint")
+            tower = build_tower(tower)
+        towers.append(tower)
+    return CLIP(embed_dim, *towers)
+
+
 # vocab_size 49409 = OpenAI's 49408 + DeCLIP's mask token, so MLM inputs embed; OpenAI weights load
 # through build_model/load_checkpoint, which read the vocabulary size from the checkpoint.
 _TEXT_OPENAI = dict(context_length=77, vocab_size=49409, transformer_width=512,
@@ -441,16 +595,17 @@ PRESETS = {
 
 
 def create_model(name, **overrides):
-    """A randomly initialised preset; `overrides` replace any CLIP constructor argument."""
+    """A randomly initialised preset; `overrides` replace any of its settings (VISION_KEYS,
+    TEXT_KEYS, embed_dim), e.g. create_model("tiny", vocab_size=100, tome_r=8)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-    return CLIP(**{**PRESETS[name], **overrides})
+    return from_config({**PRESETS[name], **overrides})
 
 
-def _from_state_dict(config, state_dict):
-    """CLIP(**config) holding state_dict's weights, in eval mode."""
+def _from_state_dict(config, state_dict, build_tower=None):
+    """from_config(config) holding state_dict's weights, in eval mode."""
     with torch.device("meta"):  # skip initialising weights about to be overwritten (seconds)
-        model = CLIP(**config)
+        model = from_config(config, build_tower)
     model = model.to_empty(device=next(iter(state_dict.values())).device if state_dict else "cpu")
     _load_state_dict(model, state_dict)
     return model.eval()
@@ -531,11 +686,12 @@ def _is_torchscript(path):
         return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
-def load_checkpoint(path, map_location="cpu", **overrides):
+def load_checkpoint(path, map_location="cpu", build_tower=None, **overrides):
     """Load a CLIP in eval mode from an OpenAI JIT archive or state dict, an OpenCLIP checkpoint
     ({"state_dict"}, "module." prefixes), or a declip-mini one ({"state_dict", "model_config"}).
 
-    `overrides` replace constructor arguments (e.g. act="gelu" for OpenCLIP models trained so).
+    `overrides` replace settings (e.g. act="gelu" for OpenCLIP models trained so). Checkpoints
+    with module towers (BERT, XLM-R, torchvision) need `build_tower`: pretrained.load_checkpoint.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -565,6 +721,6 @@ def load_checkpoint(path, map_location="cpu", **overrides):
     try:
         if config is None:
             return build_model(sd, **overrides)
-        return _from_state_dict({**config, **overrides}, sd)
+        return _from_state_dict({**config, **overrides}, sd, build_tower)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

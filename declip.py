@@ -6,7 +6,8 @@
 - L_ISS: SimSiam on two image views: projector D->1024->1024->1024 (BatchNorm after every linear,
   ReLU between) and predictor 1024->512->1024 (BN + ReLU on the hidden layer) on the image embedding
   before its L2 norm, negative cosine with stop-gradient (Appendix B).
-- L_TSS: masked language modelling, `Linear(width, vocab)` on the text tower's ln_final tokens.
+- L_TSS: masked language modelling, `Linear(width, vocab)` on the text tower's token features
+  (ln_final's; a module tower's last hidden states, e.g. XLM-R's, with its tokenizer's mask id).
 - L_MVS: the three extra (image view, text view) pairs (z_img, z_txt_aug), (z_img_aug, z_txt),
   (z_img_aug, z_txt_aug) (Algorithm 1, line 10), text views from EDA.
 - L_NNS: image -> z_txt_nn, the nearest neighbour of z_txt in a FIFO queue of earlier text
@@ -183,26 +184,28 @@ class DeCLIP(nn.Module):
             raise ValueError(f"DeCLIP: mlm_pass={mlm_pass!r}; use one of {', '.join(MLM_PASSES)}")
         if weights not in ("paper", "official"):
             raise ValueError(f"DeCLIP: weights={weights!r}; use 'paper' or 'official'")
-        cfg = clip.config
-        vocab_size = vocab_size or cfg["vocab_size"]
-        if vocab_size != cfg["vocab_size"]:
+        vocab_size = vocab_size or clip.vocab_size
+        if vocab_size != clip.vocab_size:
             raise ValueError(f"DeCLIP: vocab_size={vocab_size} but the CLIP has "
-                             f"{cfg['vocab_size']} tokens; build both from the same tokenizer")
+                             f"{clip.vocab_size} tokens; build both from the same tokenizer")
         self.clip = clip
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.mvs, self.ss, self.nns = mvs, ss, nns
         self.loss, self.weights, self.mask_prob, self.mlm_pass = loss, weights, mask_prob, mlm_pass
         self.vocab_size = vocab_size
         self.mask_id = vocab_size - 1 if mask_id is None else mask_id
-        eot_id = eot_id if eot_id is not None else cfg.get("eot_id", 49407)
+        eot_id = eot_id if eot_id is not None else clip.eot_id
+        if eot_id is None:
+            raise ValueError("DeCLIP: pass sot_id and eot_id (its tokenizer's) for a CLIP whose "
+                             "text tower is a module (BERT, XLM-R)")
         sot_id = sot_id if sot_id is not None else eot_id - 1  # OpenAI's and our tokenizer's layout
         self.special_ids = (sot_id, eot_id, self.mask_id)
         if ss:  # heads exist only when used, so DDP never sees parameters without gradients
-            self.projector = projection_mlp(cfg["embed_dim"])
+            self.projector = projection_mlp(clip.embed_dim)
             self.predictor = prediction_mlp()
-            self.mlm_head = nn.Linear(cfg["transformer_width"], vocab_size)
+            self.mlm_head = nn.Linear(clip.text_width, vocab_size)
         if nns:
-            self.queue = NNQueue(queue_size, cfg["embed_dim"])
+            self.queue = NNQueue(queue_size, clip.embed_dim)
         if loss == "siglip":
             bias = SIGLIP_LOGIT_BIAS_INIT if logit_bias_init is None else logit_bias_init
             self.logit_bias = nn.Parameter(torch.tensor(float(bias)))

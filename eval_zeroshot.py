@@ -25,9 +25,10 @@ Usage:
     from eval_zeroshot import evaluate_builtin
     metrics = evaluate_builtin(model, tokenizer, n=1000)  # {"top1": 0.41, "top5": 0.83, "n": 1000}
 
-Deliberately left out: other zero-shot benchmarks (VTAB, retrieval), multi-GPU evaluation, mixed
-precision (fp32 is fast enough for evaluation), and CLIP's per-dataset hand-tuned class names beyond
-the lists shipped in assets/. Accuracies are fractions in [0, 1]; the CLI prints percentages.
+Deliberately left out: other zero-shot benchmarks (VTAB; retrieval is in retrieval.py), multi-GPU
+evaluation, mixed precision (fp32 is fast enough for evaluation), and CLIP's per-dataset
+hand-tuned class names beyond the lists shipped in assets/. Accuracies are fractions in [0, 1];
+the CLI prints percentages.
 """
 import argparse
 import json
@@ -90,6 +91,8 @@ def context_length_of(model):
     config = getattr(model, "config", None) or {}
     if "context_length" in config:
         return config["context_length"]
+    if hasattr(model, "context_length"):  # a CLIP whose text tower is a module (BERT, XLM-R)
+        return model.context_length
     return model.positional_embedding.shape[0]
 
 
@@ -247,8 +250,9 @@ def format_result(result):
 # ----------------------------------------------------------------------- checkpoints and datasets
 
 def saved_tokenizer(path):
-    """The tokenizer stored in one of our checkpoints: BPE merges, BERT's WordPiece vocabulary, or
-    neither (OpenAI / OpenCLIP checkpoints, and ours trained with OpenAI's BPE) -> OpenAI's BPE.
+    """The tokenizer stored in one of our checkpoints: BPE merges, a pre-trained text tower's own
+    ("tokenizer": BERT's WordPiece, XLM-R's SentencePiece; older: "wordpiece"), or none of them
+    (OpenAI / OpenCLIP checkpoints, and ours trained with OpenAI's BPE) -> OpenAI's BPE.
 
     mmap=True reads the small pickle without pulling the weights into memory (zip format only).
     """
@@ -262,6 +266,9 @@ def saved_tokenizer(path):
         except Exception:  # not loadable this way; OpenAI's TorchScript archives fail both ways
             continue
     ckpt = ckpt if isinstance(ckpt, dict) else {}
+    if ckpt.get("tokenizer"):
+        from pretrained import tokenizer_from_state
+        return tokenizer_from_state(ckpt["tokenizer"])
     if ckpt.get("wordpiece"):
         from bert import WordPieceTokenizer
         return WordPieceTokenizer(ckpt["wordpiece"]["vocab"], ckpt["wordpiece"]["lower_case"])
@@ -274,9 +281,9 @@ def load_model_and_tokenizer(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such file (train one with train.py or "
                                 f"pass an OpenAI / OpenCLIP .pt file)")
-    import clip  # lazy: sibling modules of this project
+    import pretrained  # lazy: sibling modules of this project; loads any tower
 
-    model = clip.load_checkpoint(path).to(device).eval()
+    model = pretrained.load_checkpoint(path).to(device).eval()
     return model, saved_tokenizer(path)
 
 

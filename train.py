@@ -36,10 +36,10 @@ import data
 import eda
 from declip import MLM_PASSES, DeCLIP
 import eval_zeroshot
-from bert import WordPieceTokenizer
 from clip import PRESETS as PRESETS_CLIP
 from losses import clamp_logit_scale_
-from pretrained import create_model, lock_tower, param_groups, train_mode
+from pretrained import (create_model, load_tokenizer, lock_tower, param_groups, tokenizer_state,
+                        train_mode)
 from tokenizer import Tokenizer
 
 DEMO_STEPS = 300  # DeCLIP on 2 CPU cores: about 5 minutes with the evaluation
@@ -54,6 +54,12 @@ PRESETS = {
     # The medium-scale study: ViT-S/16, global batch 2048 (256 x 8), 24 epochs, 2,000 warm-up steps.
     "study-vits-cc3m": dict(model="ViT-S-16", data="cc3m", method="clip", batch_size=256, epochs=24,
                             lr=1e-3, wd=0.1, warmup=2000, queue_size=65536, zeroshot="imagenet"),
+    # The study's best row (Fig. 2 with Fig. 3's SigLIP): DINO ViT-S/16 and XLM-RoBERTa, both in
+    # Hugging Face format (facebook/dino-vits16, xlm-roberta-base downloaded to these folders).
+    "study-dino-xlmr-siglip-cc3m": dict(
+        model="ViT-S-16", data="cc3m", method="clip", loss="siglip", batch_size=256, epochs=24,
+        lr=1e-3, wd=0.1, warmup=2000, zeroshot="imagenet",
+        pretrained_image="hf-vit:data/dino-vits16", pretrained_text="xlmr:data/xlm-roberta-base"),
 }
 
 
@@ -88,8 +94,10 @@ def get_args(argv=None):
                    help="FLIP: fraction of patches dropped")
     p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
     p.add_argument("--tome-r", type=int, default=0, help="ToMe: tokens merged per ViT block")
-    p.add_argument("--pretrained-image", default=None, help="dino:FILE or tv-resnet50:FILE")
-    p.add_argument("--pretrained-text", default=None, help="bert:DIR (weights + vocab.txt)")
+    p.add_argument("--pretrained-image", default=None,
+                   help="dino:FILE, hf-vit:DIR (Hugging Face ViTModel) or tv-resnet50:FILE")
+    p.add_argument("--pretrained-text", default=None,
+                   help="bert:DIR or xlmr:DIR (Hugging Face weights + their tokenizer files)")
     p.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower body")
     p.add_argument("--lock-text", action="store_true", help="freeze the text tower body")
     p.add_argument("--image-lr", type=float, default=None, help="image tower lr (default --lr)")
@@ -131,6 +139,10 @@ def get_args(argv=None):
     p.add_argument("--beta2", type=float, default=0.98)
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine")
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward: less memory, ~1/3 "
+                        "more compute (DeCLIP RN50 at 128 per GPU on 16 GB)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on GPUs that support it, else fp32; fp16: GradScaler")
     p.add_argument("--max-bad-steps", type=int, default=20,
@@ -187,7 +199,7 @@ def setup_distributed(args):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world > 1:
+    if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: a group even for 1 process
         # torchrun keeps one key-value store across restarts (--max-restarts): without a fresh
         # prefix, a restarted group reads the dead workers' addresses and cannot connect.
         store, rank, world = next(dist.rendezvous("env://"))
@@ -259,11 +271,9 @@ def default_queue_size(total_steps, global_batch):
 
 def build_tokenizer(args, base, checkpoint):
     """Returns (tokenizer, merges to store in checkpoints: None stands for OpenAI's vocabulary)."""
-    if args.pretrained_text:  # BERT brings its own WordPiece vocabulary (stored as "wordpiece")
-        path = args.pretrained_text.split(":", 1)[-1]
-        vocab = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "vocab.txt")
+    if args.pretrained_text:  # BERT, XLM-R bring their own tokenizers (stored as "tokenizer")
         try:
-            return WordPieceTokenizer.from_vocab(vocab), None
+            return load_tokenizer(args.pretrained_text), None
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--pretrained-text: {e}") from None
     if checkpoint is not None:  # resume: the vocabulary travels with the weights
@@ -354,6 +364,14 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def same_architecture(saved, current):
+    """Do two model configs describe one architecture? Configs written before the tower contract
+    carry image_tower=None / text_tower=None for OpenAI's towers; today those keys are absent."""
+    def norm(config):
+        return {k: v for k, v in config.items() if not (k.endswith("_tower") and v is None)}
+    return norm(saved) == norm(current)
+
+
 def load_resume(args):
     if args.resume is None:
         path = os.path.join(args.output, "checkpoint.pt")
@@ -402,11 +420,16 @@ def main(argv=None):
                             **overrides)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--model/--pretrained-*: {e}") from None
-    if checkpoint is not None and checkpoint["model_config"] != clip.config:
+    if args.grad_checkpointing:  # recompute each block's activations in backward: less memory
+        try:
+            clip.set_grad_checkpointing(True)
+        except ValueError as e:
+            raise SystemExit(f"--grad-checkpointing: {e}") from None
+    if checkpoint is not None and not same_architecture(checkpoint["model_config"], clip.config):
         raise SystemExit(f"--resume: the checkpoint holds another architecture "
                          f"({checkpoint['args'].get('model')}); use the same --model and flags")
-    args.context_length = clip.config["context_length"]
-    image_size = clip.config["image_resolution"]
+    args.context_length = clip.context_length
+    image_size = clip.visual.input_resolution
     steps_per_epoch = len(base) // (args.batch_size * world)
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     if args.queue_size is None:
@@ -426,6 +449,12 @@ def main(argv=None):
             lock_tower(model, side)
     if world > 1 and device.type == "cuda":  # a ResNet tower's BatchNorm sees the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # ResNet towers on CUDA: channels-last (NHWC) is the layout tensor cores convolve without
+    # transposes; the images are moved to the device in the same layout.
+    conv_tower = device.type == "cuda" and not hasattr(model.clip.visual, "transformer")
+    memory_format = torch.channels_last if conv_tower else torch.preserve_format
+    if conv_tower:
+        model = model.to(memory_format=memory_format)
     if world > 1:
         # broadcast_buffers=False: the NN queue is identical on every rank by construction (it is
         # fed the gathered batch) and SimSiam's BatchNorm is synchronised, so there is nothing
@@ -436,13 +465,16 @@ def main(argv=None):
                 device.index] if device.type == "cuda" else None)
     else:
         ddp = model
+    if args.compile:  # off by default: minutes of compilation pay off only in long runs
+        ddp = torch.compile(ddp)
 
     dataset, sampler, loader = build_loader(args, base, tokenizer, image_size, rank, world)
     zeroshot = zeroshot_set(args, image_size) if is_main else None
     # AdamW; no decay on norms, biases, logit scale/bias; per-tower peak lr (pretrained.py)
     groups = param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6,
-                                  foreach=True)
+    # one fused kernel for the whole update on CUDA; multi-tensor (foreach) ops elsewhere
+    fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, **fused)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
     step = 0
     if checkpoint is not None:
@@ -464,8 +496,8 @@ def main(argv=None):
 
     def checkpoint_state():
         return {"state_dict": model.clip.state_dict(), "model_config": model.clip.config,
-                "merges": merges, "wordpiece": None if not isinstance(tokenizer, WordPieceTokenizer)
-                else {"vocab": tokenizer.vocab, "lower_case": tokenizer.lower_case},
+                "merges": merges, "tokenizer": args.pretrained_text and tokenizer_state(
+                    args.pretrained_text, tokenizer),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
                 "batch_in_epoch": step % steps_per_epoch, "args": vars(args)}
@@ -490,7 +522,9 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, args.warmup, group["base_lr"])
             n_skipped += batch.pop("n_skipped")  # unreadable samples, replaced by data.ImageText
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True,
+                             memory_format=memory_format if v.dim() == 4 else torch.preserve_format)
+                     for k, v in batch.items()}
             bn_before = [b.clone() for b in bn_stats]
             with autocast:
                 loss, terms = ddp(batch["image"], batch.get("image_aug"), batch["ids"],
@@ -573,7 +607,7 @@ def main(argv=None):
                  else f"{args.zeroshot} ({result['n']} images)")
         print(f"zero-shot {eval_zeroshot.format_result(result)}  on {where} after {step} steps "
               f"({result['samples_per_s']:.0f} samples/s, {train_seconds:.0f} s training)")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return result
 

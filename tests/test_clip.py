@@ -1,8 +1,12 @@
 """Tests for clip.py: presets, OpenAI/OpenCLIP equivalence, checkpoints, pooling, masking."""
+import ast
+import copy
 import math
+import os
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import clip
@@ -62,7 +66,7 @@ def test_tiny_preset_and_logit_scale():
     z_img, z_txt, scale = model(torch.randn(2, 3, 64, 64), text_ids(2, 32, vocab=49408))
     assert z_img.norm(dim=-1).allclose(torch.ones(2)) and z_txt.norm(dim=-1).allclose(torch.ones(2))
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
-    rebuilt = clip.CLIP(**model.config)
+    rebuilt = clip.from_config(model.config)
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.config == model.config
     with pytest.raises(ValueError, match="unknown model 'ViT-X'"):
@@ -160,7 +164,7 @@ def test_load_checkpoint_formats(small_vit, tmp_path):
 def test_load_torchscript_archive(small_vit, tmp_path):
     """An OpenAI-style JIT archive: traced model, same names, plus three metadata buffers."""
     expected = _outputs(small_vit)
-    model = clip.CLIP(**small_vit.config).eval()
+    model = clip.from_config(small_vit.config).eval()
     model.load_state_dict(small_vit.state_dict())
     for k, v in (("input_resolution", 64), ("context_length", 32), ("vocab_size", 100)):
         model.__dict__.pop(k, None)  # plain attributes in our model; tensors in OpenAI's archives
@@ -215,7 +219,7 @@ def test_eot_pooling_by_equality(small_vit):
     ids = torch.tensor([[98, 5, 7, 99, 0, 0, 0, 0],     # EOT at 3
                         [98, 5, 100, 8, 99, 0, 0, 0],   # a mask-like id (> EOT) before EOT at 4
                         [98, 99, 6, 99, 0, 0, 0, 0]])  # two EOTs: the first one counts
-    model = clip.CLIP(**{**small_vit.config, "vocab_size": 101})  # 100 plays DeCLIP's mask id
+    model = clip.from_config({**small_vit.config, "vocab_size": 101})  # 100 plays DeCLIP's mask id
     with torch.no_grad():
         z, tokens = model.encode_text(ids, return_tokens=True)
         manual = tokens[torch.arange(3), torch.tensor([3, 4, 1])] @ model.text_projection
@@ -267,7 +271,7 @@ def test_patch_dropout_keeps_random_patches(N, p):
 
 
 def test_patch_dropout_in_model(small_vit):
-    model = clip.CLIP(**{**small_vit.config, "patch_dropout": 0.5})
+    model = clip.from_config({**small_vit.config, "patch_dropout": 0.5})
     model.load_state_dict(small_vit.state_dict())
     images = torch.randn(2, 3, 64, 64)
     seen = []
@@ -296,9 +300,10 @@ def test_attention_hook_is_proportional_attention():
 
 
 def test_resnet_init_and_train_step():
-    model = clip.CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
-                      vision_patch_size=None, context_length=8, vocab_size=100,
-                      transformer_width=32, transformer_heads=2, transformer_layers=1, eot_id=99)
+    model = clip.from_config(dict(
+        embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
+        vision_patch_size=None, context_length=8, vocab_size=100, transformer_width=32,
+        transformer_heads=2, transformer_layers=1, eot_id=99))
     assert all(b.bn3.weight.eq(0).all() for b in model.visual.layer2)  # OpenAI: zero-init bn3
     z_img, z_txt, scale = model(torch.randn(2, 3, 64, 64), text_ids(2, 8))
     (scale * z_img @ z_txt.T).logsumexp(1).mean().backward()
@@ -307,7 +312,7 @@ def test_resnet_init_and_train_step():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast(small_vit, dtype):
-    model = clip.CLIP(**{**small_vit.config, "patch_dropout": 0.5})
+    model = clip.from_config({**small_vit.config, "patch_dropout": 0.5})
     model.load_state_dict(small_vit.state_dict())
     images, ids = torch.randn(2, 3, 64, 64), text_ids(2, 32)
     with torch.autocast("cpu", dtype=dtype):
@@ -319,3 +324,154 @@ def test_autocast(small_vit, dtype):
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         low = model.eval().encode_text(ids, normalize=True).float()
     torch.testing.assert_close(low, small_vit.encode_text(ids, normalize=True), atol=3e-2, rtol=0)
+
+
+# ------------------------------------------------------------------------ the tower contract
+
+class MeanText(nn.Module):
+    """A text tower of the contract, as small as can be: each token plus the mean of all."""
+
+    def __init__(self, vocab_size=50, context_length=12, width=24):
+        super().__init__()
+        self.width, self.context_length, self.vocab_size = width, context_length, vocab_size
+        self.config = dict(kind="mean-text", vocab_size=vocab_size,
+                           context_length=context_length, width=width)
+        self.emb = nn.Embedding(vocab_size, width)
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, ids):  # (B, L) -> (B, L, W)
+        x = self.emb(ids)
+        return x + self.mix(x.mean(dim=1, keepdim=True))
+
+
+class LastTokenText(MeanText):
+    def pool(self, tokens, ids):  # the contract's optional pooling: here the last token
+        return tokens[:, -1]
+
+
+def _rebuild_mean_text(config):
+    return MeanText(**{k: v for k, v in config.items() if k != "kind"})
+
+
+def test_module_text_tower_keeps_the_contract():
+    embed_dim, vision, _ = clip.split_config(clip.PRESETS["tiny"])
+    torch.manual_seed(0)
+    text = MeanText()
+    model = clip.CLIP(embed_dim, vision, text).eval()
+    assert (model.context_length, model.vocab_size, model.text_width) == (12, 50, 24)
+    assert model.config["text_tower"] == text.config and "vocab_size" not in model.config
+    names = set(model.state_dict())
+    assert {"text.emb.weight", "visual.conv1.weight", "text_projection"} <= names
+    assert not any(n.startswith(("token_embedding", "transformer.", "ln_final")) for n in names)
+    ids = torch.randint(0, 50, (3, 12))
+    with torch.no_grad():
+        z, tokens = model.encode_text(ids, return_tokens=True)
+        torch.testing.assert_close(tokens, text(ids))
+        torch.testing.assert_close(z, text(ids)[:, 0] @ model.text_projection)  # position 0
+        z_img, z_txt, _ = model(torch.randn(3, 3, 64, 64), ids)
+    assert z_img.shape == z_txt.shape == (3, embed_dim)
+    # config rebuilds it, given the builder of its kind (pretrained.build_tower in the project)
+    msg = _error(clip.from_config, model.config)
+    assert "'mean-text', built outside clip.py" in msg
+    rebuilt = clip.from_config(model.config, _rebuild_mean_text).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.encode_text(ids), z, atol=0, rtol=0)
+    last = clip.CLIP(embed_dim, vision, LastTokenText())
+    with torch.no_grad():
+        torch.testing.assert_close(last.encode_text(ids),
+                                   last.text(ids)[:, -1] @ last.text_projection)
+
+
+def test_composition_errors_are_one_line():
+    embed_dim, vision, text = clip.split_config(clip.PRESETS["tiny"])
+    assert "unknown CLIP setting vision_depth" in _error(clip.create_model, "tiny",
+                                                         vision_depth=3)
+    assert "maps to 128 dimensions but embed_dim is 64" in _error(
+        clip.CLIP, 64, clip.build_image_tower(128, **vision), text)
+    assert "share one act" in _error(clip.CLIP, embed_dim, {**vision, "act": "quick_gelu"}, text)
+    assert "lacks width, context_length, vocab_size, config" in _error(
+        clip.CLIP, embed_dim, vision, nn.Embedding(10, 4))
+    assert "older config" in _error(clip.from_config, {**clip.PRESETS["tiny"],
+                                                       "text_tower": "bert"})
+
+
+def test_clip_needs_torch_only_and_files_import_no_cycle():
+    """clip.py imports torch and the standard library (ToMe's file only inside the ToMe path);
+    no files of the project import each other, even lazily inside a function."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    project = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+    graph, top_level = {}, {}
+    for name in project:
+        with open(os.path.join(root, name + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+
+        def imported(nodes):
+            return {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import)
+                    for a in n.names} | {n.module.split(".")[0] for n in nodes
+                                         if isinstance(n, ast.ImportFrom) and n.module}
+        graph[name] = imported(ast.walk(tree)) & project
+        top_level[name] = imported(tree.body)
+    assert top_level["clip"] <= {"contextlib", "math", "os", "zipfile", "collections", "torch"}
+    assert graph["clip"] == {"tome"} and graph["tome"] == set()
+    done, path = set(), []
+
+    def visit(name):  # depth-first search; a name on the current path again is a cycle
+        assert name not in path, "import cycle: " + " -> ".join(path + [name])
+        if name not in done:
+            path.append(name)
+            for dep in sorted(graph[name]):
+                visit(dep)
+            path.pop()
+            done.add(name)
+
+    for name in sorted(project):
+        visit(name)
+
+
+def _grads_and_buffers(model, images, ids):
+    z_img, z_txt, scale = model(images, ids)
+    loss = (scale * z_img @ z_txt.T).logsumexp(dim=1).mean() - (scale * (z_img * z_txt).sum(1)).mean()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny-rn", {}),                                        # ModifiedResNet: BatchNorm inside
+    ("tiny", {}),                                           # ViT + text Transformer
+    ("tiny-rn", {"image_tower": dict(kind="tv-resnet18", arch="resnet18", output_dim=128,
+                                     input_resolution=64)}),  # torchvision's ResNet
+])
+def test_grad_checkpointing_changes_nothing_but_memory(name, overrides):
+    """Same loss, gradients (1e-6) and BatchNorm statistics with activation checkpointing; and
+    it really checkpoints: autograd keeps fewer tensors for backward."""
+    import pretrained
+    torch.manual_seed(0)
+    config = {**clip.PRESETS[name], "vocab_size": 300, "transformer_layers": 2, **overrides}
+    plain = pretrained.from_config(config).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    images, ids = torch.randn(4, 3, 64, 64), torch.randint(1, 298, (4, 12))
+    ids[:, -1] = 299
+    plain.eot_id = ckpt.eot_id = 299 if plain.text is None else None
+    loss_a, grads_a, bufs_a = _grads_and_buffers(plain, images, ids)
+    loss_b, grads_b, bufs_b = _grads_and_buffers(ckpt, images, ids)
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for n in grads_a:
+        assert torch.allclose(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5), n
+    for n in bufs_a:  # running statistics updated once, not again by the recomputation
+        assert torch.equal(bufs_a[n], bufs_b[n]), n
+
+    def saved_bytes(model):
+        total = []
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            z_img, z_txt, _ = model(images, ids)
+        return sum(total)
+    assert saved_bytes(ckpt) < 0.7 * saved_bytes(plain)

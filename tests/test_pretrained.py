@@ -2,6 +2,7 @@
 forwards written out here, the WordPiece tokenizer on a handmade vocabulary, locking, groups."""
 import json
 import math
+import struct
 
 import pytest
 import torch
@@ -97,8 +98,8 @@ def test_dino_matches_reference(tmp_path, full_checkpoint):
     images = torch.randn(2, 3, 32, 32)
     want = dino_reference(sd, images)
     torch.testing.assert_close(_features_before_proj(model, images), want, atol=1e-5, rtol=1e-5)
-    # config rebuilds the architecture; the state dict then reproduces the model
-    rebuilt = clip.CLIP(**model.config)
+    # config rebuilds the architecture (OpenAI's ViT: clip.py alone); the state dict the model
+    rebuilt = clip.from_config(model.config)
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(_features_before_proj(rebuilt, images), want, atol=1e-5, rtol=1e-5)
 
@@ -144,6 +145,145 @@ def test_dino_resized_positions_and_errors(tmp_path):
     assert "do not fit this VisionTransformer" in msg and "shape mismatches" in msg
 
 
+# ----------------------------------------------------------------------------- HF ViT (DINO)
+
+HW, HLAYERS, HHEADS, HPATCH, HEPS = 32, 2, 4, 8, 1e-3  # eps far from 1e-5/1e-6: reading it shows
+
+
+def write_safetensors(path, tensors):
+    """The safetensors layout, written by hand: an 8-byte little-endian header size, the JSON
+    header {name: {dtype, shape, data_offsets}}, then the raw little-endian buffers."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": {torch.float32: "F32", torch.int64: "I64"}[t.dtype],
+                        "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def hf_vit_config(**changes):
+    return {"model_type": "vit", "architectures": ["ViTModel"], "hidden_size": HW,
+            "num_hidden_layers": HLAYERS, "num_attention_heads": HHEADS,
+            "intermediate_size": 4 * HW, "hidden_act": "gelu", "layer_norm_eps": HEPS,
+            "image_size": 32, "patch_size": HPATCH, "num_channels": 3, "qkv_bias": True, **changes}
+
+
+def hf_vit_state_dict(seed=0, grid=4):
+    """A ViTModel's state dict (HF names), random, with the pooler ViTModel also carries."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g)
+
+    e = "embeddings."
+    sd = {e + "cls_token": randn(1, 1, HW), e + "position_embeddings": randn(1, 1 + grid ** 2, HW),
+          e + "patch_embeddings.projection.weight": randn(HW, 3, HPATCH, HPATCH, scale=0.1),
+          e + "patch_embeddings.projection.bias": randn(HW),
+          "layernorm.weight": 1 + randn(HW, scale=0.1), "layernorm.bias": randn(HW, scale=0.1),
+          "pooler.dense.weight": randn(HW, HW), "pooler.dense.bias": randn(HW)}
+    for i in range(HLAYERS):
+        p = f"encoder.layer.{i}."
+        for name, (o, n) in [("attention.attention.query", (HW, HW)),
+                             ("attention.attention.key", (HW, HW)),
+                             ("attention.attention.value", (HW, HW)),
+                             ("attention.output.dense", (HW, HW)),
+                             ("intermediate.dense", (4 * HW, HW)), ("output.dense", (HW, 4 * HW))]:
+            sd[p + name + ".weight"] = randn(o, n, scale=n ** -0.5)
+            sd[p + name + ".bias"] = randn(o, scale=0.1)
+        for name in ("layernorm_before", "layernorm_after"):
+            sd[p + name + ".weight"] = 1 + randn(HW, scale=0.1)
+            sd[p + name + ".bias"] = randn(HW, scale=0.1)
+    return sd
+
+
+def hf_vit_reference(sd, images):
+    """HF's ViTModel written out from its definitions: last_hidden_state[:, 0], (B, W)."""
+    def ln(x, name):
+        return F.layer_norm(x, (HW,), sd[name + ".weight"], sd[name + ".bias"], eps=HEPS)
+
+    def linear(x, name):
+        return x @ sd[name + ".weight"].T + sd[name + ".bias"]
+
+    e = "embeddings."
+    x = F.conv2d(images, sd[e + "patch_embeddings.projection.weight"],
+                 sd[e + "patch_embeddings.projection.bias"], stride=HPATCH)
+    x = x.flatten(2).transpose(1, 2)  # (B, N, W)
+    B, N = x.shape[0], x.shape[1] + 1
+    x = torch.cat([sd[e + "cls_token"].expand(B, -1, -1), x], dim=1)
+    x = x + sd[e + "position_embeddings"]  # (B, 1 + N, W)
+    d = HW // HHEADS
+    for i in range(HLAYERS):
+        p = f"encoder.layer.{i}."
+        h = ln(x, p + "layernorm_before")
+        q, k, v = (linear(h, p + "attention.attention." + n).view(B, N, HHEADS, d).transpose(1, 2)
+                   for n in ("query", "key", "value"))  # (B, H, N, d)
+        probs = (q @ k.transpose(-1, -2) / math.sqrt(d)).softmax(dim=-1)
+        context = (probs @ v).transpose(1, 2).reshape(B, N, HW)
+        x = linear(context, p + "attention.output.dense") + x
+        h = ln(x, p + "layernorm_after")
+        x = linear(F.gelu(linear(h, p + "intermediate.dense")), p + "output.dense") + x
+    return ln(x, "layernorm")[:, 0]
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_hf_vit_matches_reference(tmp_path, weights):
+    sd = hf_vit_state_dict()
+    (tmp_path / "config.json").write_text(json.dumps(hf_vit_config()))
+    if weights == "model.safetensors":
+        write_safetensors(tmp_path / weights, sd)
+    else:  # ViTForImageClassification-style: "vit." prefixes and a classifier, all dropped
+        torch.save({**{"vit." + k: v for k, v in sd.items()},
+                    "classifier.weight": torch.zeros(3, HW)}, tmp_path / weights)
+    model = pretrained.create_model("ViT-S-16", image=f"hf-vit:{tmp_path}", image_resolution=32,
+                                    embed_dim=HW, **TEXT).eval()
+    assert model.config["vision_width"] == HW and model.config["vision_ln_eps"] == HEPS
+    assert model.config["act"] == "gelu" and isinstance(model.visual.ln_pre, nn.Identity)
+    with torch.no_grad():
+        model.visual.proj.copy_(torch.eye(HW))  # proj = identity: the class token's feature
+    images = torch.randn(2, 3, 32, 32)
+    want = hf_vit_reference(sd, images)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), want, atol=1e-5, rtol=1e-5)
+    rebuilt = clip.from_config(model.config).eval()  # an OpenAI-layout ViT: clip.py rebuilds it
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.encode_image(images), want, atol=1e-5, rtol=1e-5)
+        model.visual.tome_r = 2  # ToMe and FLIP still run on it
+        assert model.encode_image(images).shape == (2, HW)
+    flip = pretrained.create_model("ViT-S-16", image=f"hf-vit:{tmp_path}", image_resolution=48,
+                                   embed_dim=HW, patch_dropout=0.5, **TEXT)  # positions resized
+    assert flip.visual.positional_embedding.shape == (37, HW)
+    assert flip.train().encode_image(torch.randn(2, 3, 48, 48)).shape == (2, HW)
+
+
+def test_hf_vit_errors_are_one_line(tmp_path):
+    def create(folder, **kw):
+        return pretrained.create_model("ViT-S-16", image=f"hf-vit:{folder}", image_resolution=32,
+                                       embed_dim=HW, **TEXT, **kw)
+
+    assert "config.json: no such file" in _message(create, tmp_path / "missing")
+    (tmp_path / "config.json").write_text(json.dumps(hf_vit_config(model_type="bert")))
+    assert "model_type 'bert', expected 'vit'" in _message(create, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_vit_config()))
+    assert "model.safetensors: no such file, nor pytorch_model.bin" in _message(create, tmp_path)
+    sd = hf_vit_state_dict()
+    write_safetensors(tmp_path / "model.safetensors", sd)
+    (tmp_path / "config.json").write_text(json.dumps(hf_vit_config(hidden_size=64,
+                                                                     intermediate_size=256)))
+    msg = _message(create, tmp_path)
+    assert "model.safetensors: weights do not fit" in msg and "shape mismatches" in msg
+    (tmp_path / "config.json").write_text(json.dumps(hf_vit_config()))
+    write_safetensors(tmp_path / "model.safetensors",
+                      {k: v for k, v in sd.items() if k != "embeddings.cls_token"})
+    assert "no 'embeddings.cls_token'" in _message(create, tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x05\x00")  # truncated header
+    assert "cannot read the weights" in _message(create, tmp_path)
+
+
 # ----------------------------------------------------------------------------- torchvision
 
 def test_torchvision_resnet_tower(tmp_path):
@@ -158,19 +298,24 @@ def test_torchvision_resnet_tower(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "resnet18-test.pth")
     model = pretrained.create_model("RN50", image=f"tv-resnet18:{tmp_path / 'resnet18-test.pth'}",
                                     image_resolution=64, embed_dim=16, **TEXT).eval()
-    assert model.config["image_tower"] == "tv-resnet18"
+    assert model.config["image_tower"]["kind"] == "tv-resnet18"
     assert model.visual.resnet.fc.out_features == 16
     ref.fc = model.visual.resnet.fc  # ours: the same network with a fresh fc to D
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), ref.eval()(images))
-    rebuilt = clip.CLIP(**model.config)  # e.g. clip.load_checkpoint of a trained model
-    rebuilt.load_state_dict(model.state_dict())
+    torch.save({"state_dict": model.state_dict(), "model_config": model.config},
+               tmp_path / "ckpt.pt")  # what train.py writes; eval_zeroshot reads it back so
+    rebuilt = pretrained.load_checkpoint(tmp_path / "ckpt.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.encode_image(images), ref(images))
+    assert "built outside clip.py" in _message(clip.load_checkpoint, tmp_path / "ckpt.pt")
     torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "bad.pth")
     assert "missing" in _message(pretrained.load_torchvision_resnet_, model.visual,
                                  tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="patch_dropout"):
-        clip.create_model("RN50", image_tower="tv-resnet18", patch_dropout=0.5)
+        pretrained.create_model("RN50", image=f"tv-resnet18:{tmp_path / 'resnet18-test.pth'}",
+                                patch_dropout=0.5)
 
 
 # ----------------------------------------------------------------------------- BERT
@@ -256,8 +401,9 @@ def bert_ids():
 def test_bert_matches_reference(bert_dir):
     model = pretrained.create_model("tiny", text=f"bert:{bert_dir}", context_length=12,
                                     eot_id=3)
-    assert model.config["text_tower"] == "bert" and model.vocab_size == BVOCAB
+    assert model.config["text_tower"]["kind"] == "bert" and model.vocab_size == BVOCAB
     assert not hasattr(model, "token_embedding") and not hasattr(model, "transformer")
+    assert isinstance(model.text, bert.BertModel) and model.context_length == 12
     ids = bert_ids()
     want = bert_reference(bert_state_dict(), ids)
     with torch.no_grad():
@@ -271,8 +417,12 @@ def test_bert_matches_reference(bert_dir):
         changed = ids.clone()
         changed[0, 4] = 20
         assert not torch.allclose(model.encode_text(changed)[0], z[0], atol=1e-4)
-    rebuilt = clip.CLIP(**model.config)
+    rebuilt = pretrained.from_config(model.config).eval()
     rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.encode_text(ids), z, atol=0, rtol=0)
+    assert "vocab_size=30" in _message(pretrained.create_model, "tiny", text=f"bert:{bert_dir}",
+                                       context_length=12, vocab_size=30)
     assert "positions BERT was trained with" in _message(
         pretrained.create_model, "tiny", text=f"bert:{bert_dir}", context_length=77)
     assert "no BERT weights" in _message(bert.load_hf_bert, bert_dir / "nothing")
@@ -340,8 +490,8 @@ def test_wordpiece_batch_and_files(tmp_path):
 # ----------------------------------------------------------------------------- lock, groups
 
 def _small_resnet_clip():
-    return clip.CLIP(embed_dim=16, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
-                     vision_patch_size=None, **TEXT)
+    return clip.from_config(dict(embed_dim=16, image_resolution=64, vision_layers=(1, 1, 1, 1),
+                                 vision_width=8, vision_patch_size=None, **TEXT))
 
 
 def test_lock_tower_freezes_body_and_batchnorm():
@@ -399,7 +549,36 @@ def test_param_groups():
     assert group(model.head.bias) == ("other/no_decay", 1e-3, 0.0)
     assert all(g["base_lr"] == g["lr"] for g in groups)
     torch.optim.AdamW(groups, lr=1e-3)  # a valid optimizer specification
-    bert_model = clip.create_model("tiny", text_tower="bert", **{**TEXT, "vocab_size": BVOCAB})
+    embed_dim, vision, _ = clip.split_config(clip.PRESETS["tiny"])
+    bert_model = clip.CLIP(embed_dim, vision, bert.BertModel(BVOCAB, 16, BW, 1, BHEADS))
     groups = pretrained.param_groups(bert_model, lr=1e-3, wd=0.1, text_lr=1e-5)
-    ln = bert_model.bert.encoder.layer[0].output.LayerNorm.weight
+    ln = bert_model.text.encoder.layer[0].output.LayerNorm.weight
     assert any(ln is p for g in groups if g["name"] == "text/no_decay" for p in g["params"])
+    assert any(bert_model.text_projection is p for g in groups if g["name"] == "other/decay"
+               for p in g["params"])
+
+
+def test_image_tower_contract_projection_decides_the_body():
+    """A module image tower says which of its parameters map into the joint space: those train
+    at the base lr and stay unlocked; the rest is the body (locking, image_lr)."""
+    class PoolImage(nn.Module):
+        projection = ("head",)
+
+        def __init__(self):
+            super().__init__()
+            self.input_resolution, self.output_dim = 32, 16
+            self.config = dict(kind="pool-image")
+            self.stem = nn.Conv2d(3, 8, 4, stride=4)
+            self.head = nn.Linear(8, 16)
+
+        def forward(self, x):  # (B, 3, R, R) -> (B, D)
+            return self.head(self.stem(x).mean(dim=(2, 3)))
+
+    model = clip.CLIP(16, PoolImage(), {**TEXT, "act": "gelu"})
+    assert model.config["image_tower"] == {"kind": "pool-image"}
+    body = pretrained.tower_parameters(model, "image")
+    assert set(body) == {"visual.stem.weight", "visual.stem.bias"}
+    groups = {g["name"]: g for g in pretrained.param_groups(model, 1e-3, 0.1, image_lr=1e-4)}
+    assert any(p is model.visual.head.weight for p in groups["other/decay"]["params"])
+    pretrained.lock_tower(model, "image")
+    assert not model.visual.stem.weight.requires_grad and model.visual.head.weight.requires_grad

@@ -249,3 +249,30 @@ def test_declip_flags_reach_the_model_and_the_views(tmp_path, monkeypatch):
     args.context_length = 32
     assert not isinstance(train.build_loader(args, train.build_base(args), None, 64, 0, 1)[0]
                           .transform, data.DeclipView)
+
+
+def test_grad_checkpointing_flag_trains_the_same_weights(tmp_path, monkeypatch):
+    """--grad-checkpointing reaches both towers (the clip.py test checks gradients to 1e-6)
+    and a DeCLIP run with it ends with the same weights as without (up to float rounding)."""
+    import clip
+    calls = []
+    real = clip.checkpoint
+    monkeypatch.setattr(clip, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    runs = {}
+    for flag in ([], ["--grad-checkpointing"]):
+        out = tmp_path / ("ckpt" if flag else "plain")
+        train.main(TINY + ["--steps", "2", "--image-size", "32", "--output", str(out)] + flag)
+        runs[bool(flag)] = weights(out)["model"]
+        assert bool(calls) == bool(flag)  # nothing is checkpointed without the flag
+    assert {type(fn).__name__ for fn in calls} == {"Sequential", "ResidualAttentionBlock"}
+    for k, v in runs[False].items():
+        assert torch.allclose(v.float(), runs[True][k].float(), atol=1e-5), k
+
+
+def test_checkpoints_from_before_the_tower_contract_still_resume():
+    import clip
+    current = clip.create_model("tiny-rn", vocab_size=300).config
+    older = {**current, "image_tower": None, "text_tower": None}  # how they were written before
+    assert train.same_architecture(older, current)
+    assert not train.same_architecture({**older, "vision_width": 32}, current)
+    assert not train.same_architecture({**current, "text_tower": {"kind": "bert"}}, current)
