@@ -3,6 +3,7 @@
     python bench.py                      # everything below, CPU, a few minutes
     python bench.py --only step,tokenizer,declip,mlm,methods --models tiny,ViT-B-32 --batch 8
     python bench.py --only views,index   # the data pipeline, one core
+    python bench.py --gpu                # the GPU check (tools/gpu_check.py); skips without CUDA
 
 - step:      one full training step (forward, loss, backward, AdamW) of our CLIP against OpenCLIP's
              on the same architecture, the same weights and the same batch, with the loss of both
@@ -512,7 +513,14 @@ def main():
     p.add_argument("--index-samples", type=int, default=100_000,
                    help="index: tiny samples to index (in shards of 10,000)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--gpu", action="store_true",
+                   help="run only the GPU check: DeCLIP vs CLIP RN50 at 128 per GPU, fp16/bf16, "
+                        "memory, MFU, a torchrun smoke run (tools/gpu_check.py)")
     args = p.parse_args()
+    if args.gpu:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+        import gpu_check
+        raise SystemExit(gpu_check.main([]))
     if args.threads:
         torch.set_num_threads(args.threads)
     device, models, only = torch.device(args.device), args.models.split(","), args.only.split(",")

@@ -276,3 +276,14 @@ def test_checkpoints_from_before_the_tower_contract_still_resume():
     assert train.same_architecture(older, current)
     assert not train.same_architecture({**older, "vision_width": 32}, current)
     assert not train.same_architecture({**current, "text_tower": {"kind": "bert"}}, current)
+
+
+def test_gpu_check_skips_cleanly_without_cuda(capsys, monkeypatch):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 0 and "skipped" in capsys.readouterr().out
+    assert gpu_check.peak_tflops("NVIDIA H200") == 989
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756  # the longest matching name wins
+    assert gpu_check.peak_tflops("Tesla V100-SXM2-16GB") == 125
+    assert gpu_check.peak_tflops("Some Future GPU") is None
