@@ -450,11 +450,14 @@ def test_grad_checkpointing_changes_nothing_but_memory(name, overrides):
     it really checkpoints: autograd keeps fewer tensors for backward."""
     import pretrained
     torch.manual_seed(0)
-    config = {**clip.PRESETS[name], "vocab_size": 300, "transformer_layers": 2, **overrides}
+    config = {**clip.PRESETS[name], "vocab_size": 300, "transformer_layers": 2,
+              "transformer_width": 32, "image_resolution": 32, **overrides}
+    if "image_tower" in config:
+        config["image_tower"] = {**config["image_tower"], "input_resolution": 32}
     plain = pretrained.from_config(config).train()
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
-    images, ids = torch.randn(4, 3, 64, 64), torch.randint(1, 298, (4, 12))
+    images, ids = torch.randn(4, 3, 32, 32), torch.randint(1, 298, (4, 12))
     ids[:, -1] = 299
     plain.eot_id = ckpt.eot_id = 299 if plain.text is None else None
     loss_a, grads_a, bufs_a = _grads_and_buffers(plain, images, ids)

@@ -287,3 +287,13 @@ def test_gpu_check_skips_cleanly_without_cuda(capsys, monkeypatch):
     assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756  # the longest matching name wins
     assert gpu_check.peak_tflops("Tesla V100-SXM2-16GB") == 125
     assert gpu_check.peak_tflops("Some Future GPU") is None
+
+
+def test_compile_flag_compiles_the_training_model(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    train.main(TINY + ["--steps", "1", "--image-size", "32", "--output", str(tmp_path / "a")])
+    assert compiled == []
+    train.main(TINY + ["--steps", "1", "--image-size", "32", "--output", str(tmp_path / "b"),
+                       "--compile"])
+    assert len(compiled) == 1 and hasattr(compiled[0], "push_queue")  # the DeCLIP module
