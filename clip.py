@@ -94,6 +94,9 @@ def checkpointed(module, *args, **kwargs):
     recomputed there (activation checkpointing: less memory for ~1/3 more compute)."""
     if not torch.is_grad_enabled():
         return module(*args, **kwargs)
+    if getattr(torch.compiler, "is_compiling", lambda: False)():  # torch >= 2.3
+        # a compiled graph applies BatchNorm's buffer updates once, and takes no context_fn
+        return checkpoint(module, *args, use_reentrant=False, **kwargs)
     return checkpoint(module, *args, use_reentrant=False, **kwargs,
                       context_fn=lambda: (contextlib.nullcontext(), _BatchNormOnce(module)))
 

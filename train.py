@@ -455,7 +455,7 @@ def main(argv=None):
     memory_format = torch.channels_last if conv_tower else torch.preserve_format
     if conv_tower:
         model = model.to(memory_format=memory_format)
-    if world > 1:
+    if dist.is_initialized():  # torchrun, even with one process (the GPU check's smoke run)
         # broadcast_buffers=False: the NN queue is identical on every rank by construction (it is
         # fed the gathered batch) and SimSiam's BatchNorm is synchronised, so there is nothing
         # to broadcast, and broadcasting a 64K x D queue every step would cost real time.
@@ -479,6 +479,9 @@ def main(argv=None):
     step = 0
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        cuda = device.type == "cuda"
+        for group in optimizer.param_groups:  # not the kernel choice of the machine it came from
+            group.update(fused=cuda, foreach=None if cuda else True)
         scaler.load_state_dict(checkpoint["scaler"])
         step = checkpoint["step"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16"

@@ -478,3 +478,22 @@ def test_grad_checkpointing_changes_nothing_but_memory(name, overrides):
             z_img, z_txt, _ = model(images, ids)
         return sum(total)
     assert saved_bytes(ckpt) < 0.7 * saved_bytes(plain)
+
+
+def test_grad_checkpointing_compiles():
+    """torch.compile traces checkpointed blocks (no context_fn inside a compiled graph) and
+    gives the eager gradients and BatchNorm statistics."""
+    torch.manual_seed(0)
+    config = {**clip.PRESETS["tiny-rn"], "vocab_size": 300, "transformer_layers": 1,
+              "transformer_width": 32, "image_resolution": 32}
+    model = clip.from_config(config).train()
+    model.set_grad_checkpointing(True)
+    eager = copy.deepcopy(model)
+    images = torch.randn(4, 3, 32, 32)
+    torch.compile(model.encode_image, backend="aot_eager")(images).square().sum().backward()
+    eager.encode_image(images).square().sum().backward()
+    for (n, p), q in zip(model.named_parameters(), eager.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+    for (n, b), c in zip(model.named_buffers(), eager.buffers()):
+        assert torch.equal(b, c), n

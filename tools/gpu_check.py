@@ -10,7 +10,8 @@ DeCLIP on RN50 at 224 px, 128 image-text pairs (DeCLIP: two image views and two 
 channels_last, and prints ms/step, samples/s, peak memory, the DeCLIP/CLIP ratios (the paper's
 Table 9: 1.5x time, 22.7 vs 15.8 GB on a V100) and the model FLOPs utilisation: the step's
 FLOPs, counted once by torch.utils.flop_counter, over its time and the GPU's dense peak for that
-precision (a table of common GPUs; `--peak-tflops` for others).
+precision (a table of common GPUs; `--peak-tflops` for others). Peak memory includes the
+previous step's gradients, as in train.py (zero_grad after the forward), for both methods alike.
 """
 import argparse
 import os
