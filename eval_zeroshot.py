@@ -239,6 +239,13 @@ def colour_shape_accuracy(pred, label, n_shapes):
             "shape": (pred % n_shapes == label % n_shapes).float().mean().item()}
 
 
+def save_json(result, path):
+    """Write a result dict to `path` (its folder is created): the CLIs' --json."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def format_result(result):
     """'top-1 91.2%  top-5 99.0%  (colour 98.0%, shape 93.0%)' from a zero-shot result dict."""
     text = f"top-1 {100 * result['top1']:.1f}%  top-5 {100 * result['top5']:.1f}%"
@@ -410,9 +417,7 @@ def main(argv=None):
              if "mean_per_class" in result else "")
     print(f"{args.dataset}: {format_result(result)}{extra}  (n={result['n']}, {args.checkpoint})")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(result, args.json)
 
 
 if __name__ == "__main__":

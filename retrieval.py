@@ -249,7 +249,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the result dict to this file")
     args = p.parse_args(argv)
 
-    from eval_zeroshot import image_size_of, load_model_and_tokenizer
+    from eval_zeroshot import image_size_of, load_model_and_tokenizer, save_json
 
     try:
         model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.device)
@@ -269,9 +269,7 @@ def main(argv=None):
               f"against the model")
     result.update(dataset=args.dataset, checkpoint=args.checkpoint, shared_captions=shared)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(result, args.json)
 
 
 if __name__ == "__main__":

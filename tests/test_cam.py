@@ -216,21 +216,8 @@ def test_heat_colours_and_grid(tmp_path):
     assert out.width == 2 * (32 * 3 + 8) + 8
 
 
-def tiny_checkpoint(tmp_path):
-    """One of our checkpoints, small and quick to load: a byte-level tokenizer (no merges)."""
-    import clip
-
-    torch.manual_seed(0)
-    model = clip.create_model("tiny-rn", transformer_layers=1, context_length=16,
-                              vocab_size=515, eot_id=513)  # Tokenizer([]): SOT 512, EOT 513
-    path = tmp_path / "tiny.pt"
-    torch.save({"state_dict": model.state_dict(), "model_config": model.config, "merges": []},
-               path)
-    return path
-
-
-def test_cli_grid_compare_and_pointing(tmp_path, capsys):
-    ckpt = tiny_checkpoint(tmp_path)
+def test_cli_grid_compare_and_pointing(tmp_path, capsys, tiny_checkpoint):
+    ckpt = tiny_checkpoint
     out = tmp_path / "cam.png"
     cam.main(["--checkpoint", str(ckpt), "--compare", str(ckpt), "--n", "2", "--out", str(out),
               "--pointing", "--pointing-n", "4", "--device", "cpu"])

@@ -118,21 +118,8 @@ def test_karpathy_json_reader(tmp_path):
         retrieval.read_karpathy_json(str(tmp_path / "bad.json"))
 
 
-def tiny_checkpoint(tmp_path):
-    """One of our checkpoints, small and quick to load: a byte-level tokenizer (no merges)."""
-    import clip
-
-    torch.manual_seed(0)
-    model = clip.create_model("tiny-rn", transformer_layers=1, context_length=16,
-                              vocab_size=515, eot_id=513)  # Tokenizer([]): SOT 512, EOT 513
-    path = tmp_path / "tiny.pt"
-    torch.save({"state_dict": model.state_dict(), "model_config": model.config, "merges": []},
-               path)
-    return path
-
-
-def test_cli_on_a_csv_and_on_builtin(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path)
+def test_cli_on_a_csv_and_on_builtin(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint
     for k, colour in enumerate(("red", "blue", "green")):
         Image.new("RGB", (80, 64), colour).save(tmp_path / f"{k}.png")
     (tmp_path / "p.csv").write_text("filepath,title\n0.png,red\n1.png,blue\n0.png,crimson\n"
