@@ -473,15 +473,15 @@ def main(argv=None):
     # AdamW; no decay on norms, biases, logit scale/bias; per-tower peak lr (pretrained.py)
     groups = param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr)
     # one fused kernel for the whole update on CUDA; multi-tensor (foreach) ops elsewhere
-    fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    fused = (dict(fused=True, foreach=None) if device.type == "cuda"
+             else dict(fused=None, foreach=True))
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, **fused)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
     step = 0
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        cuda = device.type == "cuda"
         for group in optimizer.param_groups:  # not the kernel choice of the machine it came from
-            group.update(fused=cuda, foreach=None if cuda else True)
+            group.update(fused)
         scaler.load_state_dict(checkpoint["scaler"])
         step = checkpoint["step"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16"
