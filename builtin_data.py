@@ -13,10 +13,16 @@ do for photos:
 - The main object is *repeated* (3-5 copies in a 3 x 3 grid of cells, like a photo of several
   apples): a 0.2-scale crop, 45% of the side, still holds most of one copy. Backgrounds contrast
   in luminance with the object, so its shape survives a grayscale view.
+- Every shape has the same *area* (data v2): only its form tells it apart. In v1 every outline
+  spanned the same radius, a circle covered 2.4x the pixels of a star, and "how much of the
+  named colour" was a shortcut to shape that crops and colour jitter break (README).
 - MVS: a caption describes only part of the image (the main object, sometimes its count, the
   small distractors of other colours, the background, an irrelevant prefix or suffix).
-- NNS: captions are drawn from a small grammar with synonyms ("crimson discs", "tiles in
-  azure"), so many captions across the dataset are near-neighbours.
+- NNS: captions are drawn from a small grammar ("five red circles", "circles in red on a dark
+  background"); in 10% of them every word is drawn from its synonyms ("crimson discs", "tiles
+  in azure"; the plain word is one of them, so ~7% name the shape otherwise), so many
+  captions across the dataset are near-neighbours. (v1 drew every word from its synonyms; a
+  tiny text tower then learns shape words too slowly for any method to learn shape: README.)
 - SS: images share parts (shapes, colours) and captions share words, across classes.
 
 `label_visible` measures how often the label survives an image view (tests/test_builtin_data.py
@@ -50,24 +56,59 @@ COLOURS = {
 HUE_JITTER = 4  # degrees: an object's own hue varies a little around its colour's
 _STAR = [(0.45 ** (k % 2) * math.cos(math.pi * (k / 5 - 0.5)),
           0.45 ** (k % 2) * math.sin(math.pi * (k / 5 - 0.5))) for k in range(10)]
-# Shape -> (outline on the unit square around the centre, or None for a disc; caption words).
+
+
+def polygon_area(points):
+    """Shoelace formula."""
+    return 0.5 * abs(sum(x0 * y1 - x1 * y0
+                         for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1])))
+
+
+def equal_area(outline):
+    """The outline scaled to the unit disc's area, pi: at one radius every shape covers as many
+    pixels, so the amount of an object's colour does not tell its shape (before, at one radius a
+    circle covered 2.4x the pixels of a triangle or a star, and a model could tell shapes by
+    area, a cue that crops and colour jitter break)."""
+    k = math.sqrt(math.pi / polygon_area(outline))
+    return [(k * u, k * v) for u, v in outline]
+
+
+# Shape -> (outline of area pi around the centre, or None for the unit disc; caption words, the
+# first one canonical: the class name's).
 SHAPES = {
     "circle": (None, ("circle", "disc", "dot", "round shape")),
-    "square": ([(-.8, -.8), (.8, -.8), (.8, .8), (-.8, .8)], ("square", "box", "block", "tile")),
-    "triangle": ([(0, -1), (.87, .5), (-.87, .5)], ("triangle", "wedge", "three-sided shape")),
-    "star": (_STAR, ("star", "five-pointed star", "starburst")),
-    "cross": ([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
-               (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)], ("cross", "plus sign", "plus")),
-    "diamond": ([(0, -1), (.7, 0), (0, 1), (-.7, 0)], ("diamond", "rhombus", "lozenge")),
+    "square": (equal_area([(-1, -1), (1, -1), (1, 1), (-1, 1)]),
+               ("square", "box", "block", "tile")),
+    "triangle": (equal_area([(0, -1), (.87, .5), (-.87, .5)]),
+                 ("triangle", "wedge", "three-sided shape")),
+    "star": (equal_area(_STAR), ("star", "five-pointed star", "starburst")),
+    "cross": (equal_area([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1),
+                          (-.3, 1), (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)]),
+              ("cross", "plus sign", "plus")),
+    "diamond": (equal_area([(0, -1), (.7, 0), (0, 1), (-.7, 0)]),
+                ("diamond", "rhombus", "lozenge")),
 }
-GRID = 3  # the image is a GRID x GRID array of cells; every object sits inside one cell
+# How far each shape reaches from its centre, in units of its radius (disc 1, triangle 1.56)
+EXTENT = {name: 1.0 if outline is None else max(math.hypot(u, v) for u, v in outline)
+          for name, (outline, _) in SHAPES.items()}
+GRID = 3  # the image is a GRID x GRID array of cells; every object is centred in its own cell
 COPIES = (3, 5)  # how many copies of the main object
-RADIUS = (0.12, 0.15)  # the main object's radius, as a fraction of the side
+# The main object's radius (of the disc of its area), as a fraction of the side: a triangle or a
+# star of equal area reaches 1.56x that far, so v1's (0.12, 0.15) made neighbours overlap in 45%
+# of images; at (0.10, 0.12) 7% have two objects touching.
+RADIUS = (0.10, 0.12)
 PREFIXES = ("photo of", "stock image:", "illustration of", "close-up of", "an image of",
             "picture of", "clipart:", "icon of", "image may contain:")
 SUFFIXES = ("free download", "vector illustration", "stock photo", "royalty free", "hd wallpaper",
             "- stock vector", "| clipart", "high resolution", "for sale", "on white paper")
 COUNTS = ("three", "four", "five")
+# How often a caption uses the class name's own words ("red", "circle") rather than a synonym
+# drawn from all of them. Synonyms are what the text tower learns slowest: CLIP's shape accuracy
+# after 300 steps is ~20% when every word is drawn from its synonyms, 29% with the class's own
+# words half the time, 63% always (README, "Why shape was not learnt (3)").
+CANONICAL = 0.9
+# The probabilities of a caption's parts that do not name the class (MVS: partial descriptions).
+MENTION_OTHERS, P_WHERE, P_BACKGROUND, P_PREFIX, P_SUFFIX = 0.5, 0.15, 0.25, 0.4, 0.3
 
 
 def plural(phrase):
@@ -108,7 +149,7 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     """Repeated coloured shapes with alt-text captions, generated from (seed, split, index).
 
     Scene: a muted background (plain, gradient or noisy; its luminance at least 70 away from the
-    main object's), the main object as 3-5 identical copies (radius 12-15% of the side) in random
+    main object's), the main object as 3-5 identical copies (radius 10-12% of the side) in random
     cells of a 3 x 3 grid, 0-2 small distractors (radius 6-9%, other colours) in free cells, then
     uniform pixel noise. Label = colour x 6 + shape of the main object; the eval split cycles
     through the classes, so it is exactly balanced. Horizontal flips turn "left" into "right" in
@@ -143,12 +184,13 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         n_main = rng.randint(*COPIES)
         r = rng.uniform(*RADIUS) * S
         rgb = colour_rgb(colour, rng)
-        main = [self._place(cells[k], r, cell, rng) for k in range(n_main)]
+        main = [self._place(cells[k], r, EXTENT[shape] * r, cell, rng) for k in range(n_main)]
         others = []
         for k in range(n_main, n_main + rng.choice((0, 1, 1, 2))):
-            o = self._place(cells[k], rng.uniform(0.06, 0.09) * S, cell, rng)
-            o.update(colour=rng.choice([c for c in names if c != colour]),
-                     shape=rng.choice(shapes))
+            other = rng.choice(shapes)
+            r_other = rng.uniform(0.06, 0.09) * S
+            o = self._place(cells[k], r_other, EXTENT[other] * r_other, cell, rng)
+            o.update(colour=rng.choice([c for c in names if c != colour]), shape=other)
             o["rgb"] = colour_rgb(o["colour"], rng)
             others.append(o)
         # background luminance far from the object's, so the shape survives grayscale views
@@ -163,10 +205,12 @@ class SyntheticCaptions(torch.utils.data.Dataset):
                     noise_seed=rng.getrandbits(63), caption_seed=rng.getrandbits(63))
 
     @staticmethod
-    def _place(index, r, cell, rng):
-        """An object of radius r at a random point of grid cell `index`, wholly inside it."""
+    def _place(index, r, reach, cell, rng):
+        """An object of radius r reaching `reach` from its centre, at a random point of grid cell
+        `index`: wholly inside it when it fits, else centred in it (a large triangle or star
+        pokes up to ~6% of a cell into the next one at the default sizes)."""
         row, col = divmod(index, GRID)
-        slack = max(0.0, cell / 2 - r)
+        slack = max(0.0, cell / 2 - reach)
         return dict(x=(col + 0.5) * cell + rng.uniform(-slack, slack),
                     y=(row + 0.5) * cell + rng.uniform(-slack, slack), r=r,
                     angle=rng.uniform(-0.26, 0.26))
@@ -215,7 +259,11 @@ class SyntheticCaptions(torch.utils.data.Dataset):
 
     def _caption(self, sc):
         rng = random.Random(sc["caption_seed"])
-        colour, shape = rng.choice(COLOURS[sc["colour"]][1]), rng.choice(SHAPES[sc["shape"]][1])
+        canonical = rng.random() < CANONICAL
+
+        def word(name, vocabulary):
+            return vocabulary[name][1][0] if canonical else rng.choice(vocabulary[name][1])
+        colour, shape = word(sc["colour"], COLOURS), word(sc["shape"], SHAPES)
         u = rng.random()
         if u < 0.06:
             desc = plural(shape)
@@ -233,20 +281,20 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         elif v < 0.35:
             desc = f"{rng.choice(('a pattern of', 'a group of', 'several', 'many'))} {desc}"
         parts = [desc]
-        if sc["others"] and rng.random() < 0.5:
+        if sc["others"] and rng.random() < MENTION_OTHERS:
             small = [f"{rng.choice(('a small', 'a little', 'a tiny'))} {o['colour']} "
-                     f"{rng.choice(SHAPES[o['shape']][1])}" for o in sc["others"]]
+                     f"{word(o['shape'], SHAPES)}" for o in sc["others"]]
             parts.append(f"{rng.choice(('and', 'with', 'next to'))} {' and '.join(small)}")
-        if rng.random() < 0.15:
+        if rng.random() < P_WHERE:
             parts.append(rng.choice(("in a row", "scattered around", "in a grid", "on a table")))
-        if rng.random() < 0.25:
+        if rng.random() < P_BACKGROUND:
             tone = sc["bg"][0]
             tone = "dark" if tone < 100 else "light grey" if tone > 160 else "grey"
             parts.append(f"on a {rng.choice((tone, 'plain', sc['background']))} background")
         text = " ".join(parts)
-        if rng.random() < 0.4:
+        if rng.random() < P_PREFIX:
             text = f"{rng.choice(PREFIXES)} {text}"
-        if rng.random() < 0.3:
+        if rng.random() < P_SUFFIX:
             text += " " + (f"in {rng.randint(2005, 2019)}" if rng.random() < 0.3
                            else rng.choice(SUFFIXES))
         return text[0].upper() + text[1:] if rng.random() < 0.3 else text

@@ -2,12 +2,15 @@
 label survives DeCLIP's image views (the fraction README quotes)."""
 import colorsys
 import hashlib
+import re
 
 import numpy as np
+from PIL import Image, ImageDraw
 import pytest
 import torch
 
 import data
+import builtin_data
 from builtin_data import COLOURS, SHAPES, SyntheticCaptions, nearest_colour, plural
 
 
@@ -53,6 +56,31 @@ def test_colours_are_far_apart_in_hue():
             rgb = [round(255 * c) for c in colorsys.hsv_to_rgb(((hue + 30) % 360) / 360, 0.9, 0.9)]
             assert nearest_colour(rgb) == colour  # 30 degrees off is still the same colour
     assert nearest_colour((240, 240, 240)) == "white" and nearest_colour((20, 20, 20)) == "black"
+
+
+def test_every_shape_covers_the_same_area():
+    """Only form tells shapes apart: at one radius each covers the disc's pi r^2 pixels (in data
+    v1 a triangle covered 41% of a circle's, and area was a shortcut to shape)."""
+    r, areas = 20, {}
+    for shape in SHAPES:
+        img = Image.new("L", (64, 64), 0)
+        builtin_data._draw(ImageDraw.Draw(img), shape, 1, 32, 32, r, 0.2)
+        areas[shape] = int(np.asarray(img).sum())
+    # PIL fills the boundary pixels too: +1-6% over pi r^2 at r = 20 px
+    assert all(abs(a / (np.pi * r * r) - 1.03) < 0.05 for a in areas.values()), areas
+
+
+def test_captions_use_the_class_words_with_some_synonyms(monkeypatch):
+    """CANONICAL = 0.9: ~7% of captions name the shape by a synonym ("disc"), not 70% as in v1."""
+    def synonym_rate():
+        ds = SyntheticCaptions("train", size=600, seed=5)
+        return np.mean([any(re.search(rf"\b{w}(e?s)?\b", ds.caption(i).lower())
+                            for w in SHAPES[ds.scene(i)["shape"]][1][1:])
+                        for i in range(len(ds))])
+    rate = synonym_rate()
+    assert 0.02 < rate < 0.12, rate
+    monkeypatch.setattr(builtin_data, "CANONICAL", 0.0)
+    assert synonym_rate() > 0.3
 
 
 def test_labels_match_pixels_masks_and_captions():

@@ -2,15 +2,20 @@
 
 The variants are environment variables, so that train.py keeps no flags for one-off experiments:
 
-    EQUAL_AREA=1  python tools/data_ablation.py --method clip --output /tmp/a   # shapes of equal area
+    AREA_CUE=1    python tools/data_ablation.py --method clip --output /tmp/a   # v1's shapes, radius
+    CANONICAL=0   python tools/data_ablation.py ...   # v1's captions: words drawn from synonyms
+    CLEAN=1       python tools/data_ablation.py ...   # the caption is the class name
+    SHAPE_ONLY=0.25 python tools/data_ablation.py ...   # a quarter of captions name the shape only
+    NUISANCE=0.5  python tools/data_ablation.py ...   # half as many caption parts off the class
+    MENTION_OTHERS=0 python tools/data_ablation.py ...   # never name the small distractors
     RENDER=2      python tools/data_ablation.py ...   # images drawn at 2x the model's input size
     WIDTH=32      python tools/data_ablation.py ...   # tiny-rn with width 32 instead of 16
     GRID=2 COPIES=2,2 RADIUS=0.18,0.22 python tools/data_ablation.py ...   # fewer, larger objects
 
 Every other argument goes to train.py unchanged.
 """
-import math
 import os
+import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,19 +23,36 @@ import builtin_data  # noqa: E402
 import clip  # noqa: E402
 
 
-def polygon_area(points):
-    """Shoelace formula."""
-    return 0.5 * abs(sum(x0 * y1 - x1 * y0
-                         for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1])))
+def area_cue_shapes():
+    """Data v1's shapes and radius: the outlines as v1 drew them (each spanning about the unit
+    radius), so at one radius a circle covers 2.4x the pixels of a triangle or a star and area
+    tells shapes apart. The scenes are v1's in distribution, not item by item (v2 draws in
+    another order)."""
+    v1 = {"square": [(-.8, -.8), (.8, -.8), (.8, .8), (-.8, .8)],
+          "triangle": [(0, -1), (.87, .5), (-.87, .5)],
+          "star": builtin_data._STAR,
+          "cross": [(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1),
+                    (-.3, 1), (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)],
+          "diamond": [(0, -1), (.7, 0), (0, 1), (-.7, 0)]}
+    for name, outline in v1.items():
+        builtin_data.SHAPES[name] = (outline, builtin_data.SHAPES[name][1])
+        builtin_data.EXTENT[name] = 1.0  # v1 placed every object by its radius
+    builtin_data.RADIUS = (0.12, 0.15)
 
 
-def equal_area_shapes():
-    """Scale every outline so its area equals the disc's (pi r^2): area no longer tells shapes
-    apart (at the same radius a circle covers 2.4x the pixels of a triangle or a star)."""
-    for name, (outline, words) in list(builtin_data.SHAPES.items()):
-        if outline is not None:
-            k = math.sqrt(math.pi / polygon_area(outline))
-            builtin_data.SHAPES[name] = ([(k * u, k * v) for u, v in outline], words)
+def shape_only_captions(p):
+    """With probability p a caption names only the main object's shape ("circles"), no colour;
+    its word follows CANONICAL as every caption's does."""
+    caption = builtin_data.SyntheticCaptions._caption
+
+    def new_caption(self, sc):
+        rng = random.Random(sc["caption_seed"] + 1)
+        if rng.random() < p:
+            words = builtin_data.SHAPES[sc["shape"]][1]
+            canonical = rng.random() < builtin_data.CANONICAL
+            return builtin_data.plural(words[0] if canonical else rng.choice(words))
+        return caption(self, sc)
+    builtin_data.SyntheticCaptions._caption = new_caption
 
 
 def render_at(factor):
@@ -45,8 +67,20 @@ def render_at(factor):
 
 if __name__ == "__main__":
     env = os.environ.get
-    if env("EQUAL_AREA"):
-        equal_area_shapes()
+    if env("AREA_CUE"):
+        area_cue_shapes()
+    if env("SHAPE_ONLY"):
+        shape_only_captions(float(env("SHAPE_ONLY")))
+    if env("CLEAN"):  # the caption is the class name: no synonyms, distractors or noise
+        builtin_data.SyntheticCaptions._caption = lambda self, sc: self.classnames[sc["label"]]
+    if env("CANONICAL"):
+        builtin_data.CANONICAL = float(env("CANONICAL"))
+    if env("MENTION_OTHERS"):
+        builtin_data.MENTION_OTHERS = float(env("MENTION_OTHERS"))
+    if env("NUISANCE"):  # scale the probabilities of a caption's irrelevant parts
+        k = float(env("NUISANCE"))
+        for name in ("P_WHERE", "P_BACKGROUND", "P_PREFIX", "P_SUFFIX", "MENTION_OTHERS"):
+            setattr(builtin_data, name, k * getattr(builtin_data, name))
     if env("RENDER"):
         render_at(float(env("RENDER")))
     if env("WIDTH"):
