@@ -20,7 +20,7 @@
              CLIP on the same model and batch (the medium-scale study's Fig. 4).
 - views:     the data pipeline per core, on 256 px JPEGs in an img2dataset-style tar it writes:
              decoding, EDA, CLIP's view, DeCLIP's view (torchvision on PIL images, as before, and
-             data.DeclipView's tensor path, the same draws), and whole samples as ImageText makes
+             views.DeclipView's tensor path, the same draws), and whole samples as ImageText makes
              them. CPU seconds of this process with one torch thread, so other load on the
              machine slows every row alike.
 - index:     the shard index (data.ShardDataset) on tiny samples in pax tars as img2dataset
@@ -332,7 +332,7 @@ def write_shard(path, samples):
 
 
 def torchvision_draws(view, image):
-    """data.DeclipView's draws as they were made before: torchvision's get_params, one call to
+    """views.DeclipView's draws as they were made before: torchvision's get_params, one call to
     torch's RNG a number (DeclipView.sample draws the same distributions in one call)."""
     from torchvision import transforms as T
     crop = T.RandomResizedCrop.get_params(image, view.scale, (3 / 4, 4 / 3))
@@ -365,6 +365,7 @@ def bench_views(size, n=48, rounds=5):
     """Per core: decoding, EDA, one view, and whole samples as data.ImageText makes them."""
     import data
     import eda
+    import views
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     rng = np.random.default_rng(0)
@@ -375,9 +376,9 @@ def bench_views(size, n=48, rounds=5):
         base = data.ShardDataset(folder, index_dir=folder)
         images = [base[i][0] for i in range(n)]
         kb = os.path.getsize(os.path.join(folder, "00000.tar")) / n / 1024
-        view, clip_view = data.DeclipView(size), data.clip_image_transform(size)
+        view, clip_view = views.DeclipView(size), views.clip_image_transform(size)
 
-        def before(image):  # as data.py did before: torchvision's draws and ops on PIL images
+        def before(image):  # before: torchvision's draws and ops on PIL images
             return view.apply_torchvision(image, torchvision_draws(view, image))
 
         def one_view(transform):

@@ -220,7 +220,8 @@ def evaluate_builtin(model, tokenizer, n=1000, image_size=None, batch_size=100, 
     class has the right colour (chance 1/7) and the right shape (chance 1/6): a model that learns
     colour only shows up as colour ~100%, shape ~17%.
     """
-    from data import SyntheticCaptions, eval_transform  # lazy: this file imports without data.py
+    from data import SyntheticCaptions  # lazy: this file imports without data.py
+    from views import eval_transform
 
     image_size = image_size or image_size_of(model)
     base = SyntheticCaptions(split="eval", size=n, image_size=image_size, seed=seed)
@@ -400,7 +401,7 @@ def main(argv=None):
             if args.mean_per_class:
                 print("note: --mean-per-class is ignored for builtin (its classes are balanced)")
         else:
-            from data import eval_transform
+            from views import eval_transform
             from torchvision import transforms
 
             # torchvision datasets apply .transform at __getitem__, so it can be set now

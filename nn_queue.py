@@ -28,7 +28,9 @@ Design notes
   a (K / world)-step-old slice of 1/world of the data.
 
 Left out: approximate search (FAISS), distances other than cosine, per-sample exclusion of the
-sample's own feature (the queue only holds features from *earlier* steps, so it is never there).
+sample's own feature. The queue only holds features from *earlier* steps, so in the paper's regime
+(a 64K queue, 15M pairs an epoch) a caption is never there; in many-epoch runs of a small set its
+previous occurrence could be, and train.py keeps the default queue at a quarter of an epoch.
 """
 import torch
 import torch.nn as nn

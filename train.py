@@ -41,6 +41,7 @@ from losses import clamp_logit_scale_
 from pretrained import (create_model, load_tokenizer, lock_tower, param_groups, tokenizer_state,
                         train_mode)
 from tokenizer import Tokenizer
+import views
 
 DEMO_STEPS = 300  # DeCLIP on 2 CPU cores: about 5 minutes with the evaluation
 # Settings of the papers, one flag each. Flags given on the command line override them.
@@ -88,7 +89,8 @@ def get_args(argv=None):
     p.add_argument("--gamma", type=float, default=0.2, help="weight of L_NNS")
     p.add_argument("--queue-size", type=int, default=None,
                    help="NN queue length (the paper: 65,536 at batch 1024+); default: the "
-                        "samples of the run's last 10%% of steps, at most 65,536")
+                        "samples of the run's last 10%% of steps, at most 65,536 and at most a "
+                        "quarter of the training pairs")
     p.add_argument("--model", default="tiny-rn", choices=list(PRESETS_CLIP))
     p.add_argument("--patch-dropout", type=float, default=0.0,
                    help="FLIP: fraction of patches dropped")
@@ -259,14 +261,20 @@ def build_base(args):
         raise SystemExit(str(e)) from None
 
 
-def default_queue_size(total_steps, global_batch):
-    """The NN queue holds the text features of the run's last ~10% of steps, at most 65,536.
+def default_queue_size(total_steps, global_batch, n_train=None):
+    """The NN queue holds the text features of the run's last ~10% of steps, at most 65,536, and
+    at most a quarter of the n_train training pairs.
 
     The paper's 65,536 (64 steps of its 1024 batch) holds features a few hundred steps old at
     most; in a 1,000-step demo the same length would hold the whole run, and its entries would
-    mostly come from a model that no longer exists.
+    mostly come from a model that no longer exists. The paper's queue also holds 0.4% of an epoch
+    of its 15M pairs, so a caption never meets its own earlier feature there; in a many-epoch run
+    of a small set (--train-size) a queue longer than an epoch would hold every caption, and its
+    "nearest neighbour" would be itself. With a quarter of an epoch, a caption's previous
+    occurrence is still in the queue in 1/32 of steps (two epochs' shuffles, gap < N/4).
     """
-    return min(65536, max(1, total_steps // 10) * global_batch)
+    size = min(65536, max(1, total_steps // 10) * global_batch)
+    return size if n_train is None else max(1, min(size, n_train // 4))
 
 
 def build_tokenizer(args, base, checkpoint):
@@ -299,12 +307,12 @@ def build_tokenizer(args, base, checkpoint):
 def build_loader(args, base, tokenizer, image_size, rank, world):
     two_views = args.mvs or args.ss
     if (args.image_aug or ("declip" if two_views else "clip")) == "declip":
-        transform = data.DeclipView(image_size, scale=(args.crop_scale, 1.0),
-                                    jitter=(0.4, 0.4, 0.4, args.aug_hue),
-                                    p_jitter=args.aug_jitter, p_gray=args.aug_gray,
-                                    p_blur=args.aug_blur)
+        transform = views.DeclipView(image_size, scale=(args.crop_scale, 1.0),
+                                     jitter=(0.4, 0.4, 0.4, args.aug_hue),
+                                     p_jitter=args.aug_jitter, p_gray=args.aug_gray,
+                                     p_blur=args.aug_blur)
     else:
-        transform = data.clip_image_transform(image_size)
+        transform = views.clip_image_transform(image_size)
     dataset = data.ImageText(base, transform, views=2 if two_views else 1,
                              text_aug=eda.augment if args.mvs else None, seed=args.seed)
     sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
@@ -433,7 +441,7 @@ def main(argv=None):
     steps_per_epoch = len(base) // (args.batch_size * world)
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     if args.queue_size is None:
-        args.queue_size = default_queue_size(total, args.batch_size * world)
+        args.queue_size = default_queue_size(total, args.batch_size * world, len(base))
     if args.loss == "siglip" and args.logit_bias_init is None:
         args.logit_bias_init = -math.log(args.batch_size * world)  # prior: 1 positive in N
     model = DeCLIP(clip, alpha=args.alpha, beta=args.beta, gamma=args.gamma, mvs=args.mvs,
@@ -630,7 +638,7 @@ def zeroshot_set(args, image_size):
         return None
     from torchvision import transforms
     try:
-        transform = transforms.Compose([eval_zeroshot.to_rgb, data.eval_transform(image_size)])
+        transform = transforms.Compose([eval_zeroshot.to_rgb, views.eval_transform(image_size)])
         ds, classnames, key = eval_zeroshot.zero_shot_dataset(args.zeroshot, args.zeroshot_root,
                                                               transform)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import views
 import builtin_data
 from builtin_data import COLOURS, SHAPES, SyntheticCaptions, nearest_colour, plural
 
@@ -122,7 +123,7 @@ def test_the_label_survives_declip_views():
     the eval split: the colour survives unless the view is grayscale (p = 0.2, inherent to the
     recipe: white and black survive it), the shape survives a 0.2-scale crop in >= 90%."""
     ds = SyntheticCaptions("eval", size=400)
-    view = data.declip_image_transform(64)
+    view = views.declip_image_transform(64)
     torch.manual_seed(0)
     shown, gray = [], []
     for i in range(len(ds)):
@@ -135,7 +136,7 @@ def test_the_label_survives_declip_views():
           f"{shown[~gray, 0].mean():.3f}), shape {shape:.3f}, both {shown.all(1).mean():.3f}")
     assert shown[~gray, 0].mean() >= 0.95 and colour >= 0.75 and shape >= 0.9
     # the measure can fail: tiny crops lose the shape, and a grayscale view every colour hue
-    tiny = data.DeclipView(64, scale=(0.02, 0.03))
+    tiny = views.DeclipView(64, scale=(0.02, 0.03))
     lost = np.array([data.label_visible(ds, i, tiny) for i in range(60)])
     assert lost[:, 1].mean() < 0.5
     hued = dict(crop=(0, 0, 64, 64), jitter=None, gray=True, sigma=None, flip=False)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import views
 
 
 class CharTokenizer:
@@ -278,31 +279,31 @@ def test_shard_index_costs_no_private_memory_per_sample(tmp_path, monkeypatch):
 
 def test_transform_sizes_and_constants():
     image = Image.new("RGB", (100, 80), (255, 255, 255))
-    for make in (data.eval_transform, data.clip_image_transform, data.declip_image_transform):
+    for make in (views.eval_transform, views.clip_image_transform, views.declip_image_transform):
         assert make(64)(image).shape == (3, 64, 64)
-    white = data.eval_transform(32)(image)[:, 0, 0]
-    mean, std = torch.tensor(data.OPENAI_MEAN), torch.tensor(data.OPENAI_STD)
+    white = views.eval_transform(32)(image)[:, 0, 0]
+    mean, std = torch.tensor(views.OPENAI_MEAN), torch.tensor(views.OPENAI_STD)
     assert torch.allclose(white, (1 - mean) / std)
     # Appendix B's blur at 224 px; scaled with the side, so 64 px gets 2/7 of it
-    view = data.declip_image_transform(224)
+    view = views.declip_image_transform(224)
     assert view.kernel == 23 and view.sigma == pytest.approx((0.1, 2.0))
-    view = data.declip_image_transform(64)
+    view = views.declip_image_transform(64)
     assert view.kernel == 7 and view.sigma == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
 
 
 def test_declip_view_applies_what_it_sampled():
     """sample() then apply() is the view; an identity draw gives the eval transform's pixels."""
     image = data.SyntheticCaptions(size=1)[0][0]
-    view = data.declip_image_transform(64)
+    view = views.declip_image_transform(64)
     torch.manual_seed(3)
     x = view(image)
     torch.manual_seed(3)
     assert torch.equal(view.apply(image, view.sample(image)), x)
     identity = dict(crop=(0, 0, 64, 64), jitter=None, gray=False, sigma=None, flip=False)
-    assert torch.allclose(view.apply(image, identity), data.eval_transform(64)(image), atol=1e-6)
+    assert torch.allclose(view.apply(image, identity), views.eval_transform(64)(image), atol=1e-6)
     gray = view.apply(image, dict(identity, gray=True))
-    assert torch.allclose(gray[0] * data.OPENAI_STD[0] + data.OPENAI_MEAN[0],
-                          gray[2] * data.OPENAI_STD[2] + data.OPENAI_MEAN[2], atol=1e-6)
+    assert torch.allclose(gray[0] * views.OPENAI_STD[0] + views.OPENAI_MEAN[0],
+                          gray[2] * views.OPENAI_STD[2] + views.OPENAI_MEAN[2], atol=1e-6)
     flipped = view.apply(image, dict(identity, flip=True))
     assert torch.equal(flipped, view.apply(image, identity).flip(-1))
 
@@ -311,7 +312,7 @@ def _torchvision_float_view(view, image, params):
     """DeCLIP's view with torchvision's tensor ops in float, no 8-bit step: the formulas that
     DeclipView.apply implements, after the same resized crop."""
     from torchvision.transforms import functional as TF
-    x = data.resized_crop(image, params["crop"], view.size).float() / 255
+    x = views.resized_crop(image, params["crop"], view.size).float() / 255
     if params["jitter"] is not None:
         order, *factors = params["jitter"]
         adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -323,7 +324,7 @@ def _torchvision_float_view(view, image, params):
         x = TF.gaussian_blur(x, [view.kernel] * 2, [params["sigma"]] * 2)
     if params["flip"]:
         x = TF.hflip(x)
-    return TF.normalize(x, data.OPENAI_MEAN, data.OPENAI_STD)
+    return TF.normalize(x, views.OPENAI_MEAN, views.OPENAI_STD)
 
 
 def _photo(seed, side=160):
@@ -353,17 +354,17 @@ def test_fast_views_match_torchvision(one_thread):
     differs by > 0.5 levels."""
     from torchvision.transforms import functional as TF
     images = [_photo(0), _photo(1), data.SyntheticCaptions(size=1, image_size=96)[0][0]]
-    std = torch.tensor(data.OPENAI_STD).view(3, 1, 1) * 255
+    std = torch.tensor(views.OPENAI_STD).view(3, 1, 1) * 255
     worst, to_old, ref_to_old, crop_gap = 0.0, [], [], []
     for size in (64, 160):  # 160 px: kernel 17, sigma up to 1.4 px
-        view = data.DeclipView(size)
+        view = views.DeclipView(size)
         torch.manual_seed(size)
         for image in images:
             for _ in range(5):
                 params = view.sample(image)
                 pil = TF.pil_to_tensor(TF.resized_crop(image, *params["crop"], [size] * 2,
                                                        TF.InterpolationMode.BICUBIC))
-                crop_gap.append((data.resized_crop(image, params["crop"], size).float()
+                crop_gap.append((views.resized_crop(image, params["crop"], size).float()
                                  - pil.float()).abs())
                 fast = view.apply(image, params)
                 ref = _torchvision_float_view(view, image, params)
@@ -376,7 +377,7 @@ def test_fast_views_match_torchvision(one_thread):
     assert worst < 0.1, worst
     assert np.mean(to_old) < 2 and abs(np.mean(to_old) - np.mean(ref_to_old)) < 0.01
     # the bound can fail: a hue 0.01 turns off, a sigma 10% off
-    image, view = images[0], data.DeclipView(160)
+    image, view = images[0], views.DeclipView(160)
     base = dict(crop=(0, 0, 160, 160), jitter=None, gray=False, sigma=None, flip=False)
     hue = dict(base, jitter=(torch.tensor([3, 0, 1, 2]), 1.0, 1.0, 1.0, 0.05))
     off = dict(hue, jitter=(torch.tensor([3, 0, 1, 2]), 1.0, 1.0, 1.0, 0.06))
@@ -390,7 +391,7 @@ def test_declip_draws_follow_torchvisions_distributions():
     """sample() draws from one RNG call what torchvision's get_params draw one call at a time:
     the same distributions (means within 4 standard errors over 1,500 draws)."""
     from torchvision import transforms as T
-    image, view = Image.new("RGB", (256, 200)), data.DeclipView(224)
+    image, view = Image.new("RGB", (256, 200)), views.DeclipView(224)
     torch.manual_seed(0)
     ours = [view.sample(image) for _ in range(1500)]
     b, c, s, h = view.jitter
@@ -419,7 +420,7 @@ def test_declip_draws_follow_torchvisions_distributions():
 
 def test_image_text_views_are_a_function_of_seed_epoch_index(text_aug):
     base = data.SyntheticCaptions(size=50)
-    make = lambda seed: data.ImageText(base, data.declip_image_transform(64), views=2,
+    make = lambda seed: data.ImageText(base, views.declip_image_transform(64), views=2,
                                        text_aug=text_aug, seed=seed)
     a, b = make(0), make(0)
     torch.manual_seed(123)
@@ -434,7 +435,7 @@ def test_image_text_views_are_a_function_of_seed_epoch_index(text_aug):
     b.set_epoch(1)
     assert not torch.equal(b[7]["image"], x["image"])
     assert not torch.equal(make(1)[7]["image"], x["image"])
-    single = data.ImageText(base, data.clip_image_transform(64))[3]
+    single = data.ImageText(base, views.clip_image_transform(64))[3]
     assert set(single) == {"image", "text", "n_skipped"}
 
 
@@ -457,8 +458,8 @@ def test_unusable_samples_are_replaced_deterministically(tmp_path):
     _make_shards(tmp_path)
     base = data.ShardDataset(str(tmp_path))
     bad = [i for i in range(len(base)) if base[i] is None]
-    ds = data.ImageText(base, data.clip_image_transform(16), seed=3)
-    again = data.ImageText(data.ShardDataset(str(tmp_path)), data.clip_image_transform(16), seed=3)
+    ds = data.ImageText(base, views.clip_image_transform(16), seed=3)
+    again = data.ImageText(data.ShardDataset(str(tmp_path)), views.clip_image_transform(16), seed=3)
     for i in bad:
         x, y = ds[i], again[i]
         assert x["n_skipped"] >= 1 and x["text"] and torch.equal(x["image"], y["image"])
@@ -468,7 +469,7 @@ def test_unusable_samples_are_replaced_deterministically(tmp_path):
 
 def test_loader_batches_do_not_depend_on_worker_count(tmp_path, tokenizer, text_aug):
     _make_shards(tmp_path)
-    ds = data.ImageText(data.ShardDataset(str(tmp_path)), data.declip_image_transform(16),
+    ds = data.ImageText(data.ShardDataset(str(tmp_path)), views.declip_image_transform(16),
                         views=2, text_aug=text_aug, seed=5)
     ds.set_epoch(2)
     ds[0]  # opens a file in this process: workers must not reuse the handle

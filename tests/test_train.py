@@ -195,10 +195,17 @@ def test_train_size_and_data_seed_pick_the_builtin_pairs(tmp_path):
         train.get_args(["--data", "my.tsv", "--train-size", "10"])
 
 
-def test_default_queue_holds_the_last_tenth_of_the_run():
+def test_default_queue_holds_the_last_tenth_of_the_run(tmp_path):
     assert train.default_queue_size(1000, 64) == 100 * 64
     assert train.default_queue_size(5, 8) == 8  # at least one batch
     assert train.default_queue_size(10 ** 6, 1024) == 65536  # the paper's length at scale
+    # and at most a quarter of the training pairs, so a caption rarely meets its own last feature
+    assert train.default_queue_size(1000, 64, n_train=2000) == 500
+    assert train.default_queue_size(1000, 64, n_train=10 ** 6) == 100 * 64
+    no_size = TINY[:TINY.index("--queue-size")] + TINY[TINY.index("--queue-size") + 2:]
+    train.main(no_size + ["--method", "declip", "--train-size", "16", "--steps", "1",
+                          "--output", str(tmp_path)])
+    assert weights(tmp_path)["model"]["queue.feats"].shape[0] == 4  # 16 pairs // 4, not a batch
 
 
 def test_siglip_initial_scale_and_bias(tmp_path):
@@ -227,8 +234,8 @@ def test_siglip_learns_colour_at_batch_64(tmp_path):
 
 
 def test_declip_flags_reach_the_model_and_the_views(tmp_path, monkeypatch):
-    import data
     import declip
+    import views
     seen = {}
     init = declip.DeCLIP.__init__
 
@@ -243,12 +250,12 @@ def test_declip_flags_reach_the_model_and_the_views(tmp_path, monkeypatch):
     args.context_length = 32
     dataset, _, _ = train.build_loader(args, train.build_base(args), None, 64, 0, 1)
     view = dataset.transform
-    assert isinstance(view, data.DeclipView) and view.scale == (0.5, 1.0)
+    assert isinstance(view, views.DeclipView) and view.scale == (0.5, 1.0)
     assert view.p_gray == 0 and view.jitter[3] == 0.05
     args = train.get_args(["--method", "clip"])  # CLIP's own mild view unless asked
     args.context_length = 32
     assert not isinstance(train.build_loader(args, train.build_base(args), None, 64, 0, 1)[0]
-                          .transform, data.DeclipView)
+                          .transform, views.DeclipView)
 
 
 def test_grad_checkpointing_flag_trains_the_same_weights(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import builtin_data  # noqa: E402
 import clip  # noqa: E402
 import data  # noqa: E402
+import views  # noqa: E402
 
 
 def main(argv=None):
@@ -35,8 +36,8 @@ def main(argv=None):
     head = torch.nn.Linear(tower.output_dim, n_shapes)
     train = builtin_data.SyntheticCaptions("train", seed=args.seed)
     val = builtin_data.SyntheticCaptions("eval", size=300, seed=args.seed)
-    view = data.DeclipView(size) if args.view == "declip" else data.clip_image_transform(size)
-    to_eval = data.eval_transform(size)
+    view = views.DeclipView(size) if args.view == "declip" else views.clip_image_transform(size)
+    to_eval = views.eval_transform(size)
     x_val = torch.stack([to_eval(val[i][0]) for i in range(len(val))])      # (300, 3, S, S)
     y_val = torch.tensor([val.label(i) % n_shapes for i in range(len(val))])
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.1)
