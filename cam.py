@@ -169,7 +169,7 @@ def pointing_game(model, tokenizer, dataset, n=None, batch_size=64, layer=None):
     on the object's mask (> 0)? Returns {"pointing", "chance" (the mean area fraction: a random
     point), "centre" (how often the image centre, where a flat map points, is on the object),
     "n"}."""
-    from views import eval_transform
+    from views import eval_transform  # lazy: this file imports without views.py
     from eval_zeroshot import image_size_of, model_dtype, zero_shot_classifier
 
     n = len(dataset) if n is None else n
@@ -263,7 +263,7 @@ def draw_grid(images, captions, maps, names, path, per_row=4, tile=128, title=""
 def preprocess(image, size):
     """OpenAI's eval preprocessing (views.eval_transform), keeping the crop for drawing:
     (RGB PIL size x size, (3, size, size) tensor)."""
-    from views import OPENAI_MEAN, OPENAI_STD
+    from views import OPENAI_MEAN, OPENAI_STD  # lazy: this file imports without views.py
     from torchvision.transforms import functional as TF
 
     crop = TF.center_crop(TF.resize(image.convert("RGB"), size,

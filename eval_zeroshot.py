@@ -221,7 +221,7 @@ def evaluate_builtin(model, tokenizer, n=1000, image_size=None, batch_size=100, 
     colour only shows up as colour ~100%, shape ~17%.
     """
     from data import SyntheticCaptions  # lazy: this file imports without data.py
-    from views import eval_transform
+    from views import eval_transform  # lazy: this file imports without views.py
 
     image_size = image_size or image_size_of(model)
     base = SyntheticCaptions(split="eval", size=n, image_size=image_size, seed=seed)
@@ -401,7 +401,7 @@ def main(argv=None):
             if args.mean_per_class:
                 print("note: --mean-per-class is ignored for builtin (its classes are balanced)")
         else:
-            from views import eval_transform
+            from views import eval_transform  # lazy: this file imports without views.py
             from torchvision import transforms
 
             # torchvision datasets apply .transform at __getitem__, so it can be set now

@@ -330,7 +330,7 @@ def main(argv=None):
             raise SystemExit(f"linear_probe.py: {name}: {root} not found; {how_to_get(name, root)}")
     try:
         model, _ = load_model_and_tokenizer(args.checkpoint, args.device)
-        from views import eval_transform
+        from views import eval_transform  # lazy: this file imports without views.py
         from torchvision import transforms
 
         size = image_size_of(model)

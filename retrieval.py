@@ -198,7 +198,7 @@ class ImageList(Dataset):
 @torch.no_grad()
 def embed(model, tokenizer, pairs, batch_size=256, workers=0, device="cpu", progress=False):
     """(z_img (N, D), z_txt (M, D)), L2-normalised; identical captions are embedded once."""
-    from views import eval_transform
+    from views import eval_transform  # lazy: this file imports without views.py
     from eval_zeroshot import context_length_of, eval_mode, image_size_of, model_dtype
 
     loader = DataLoader(ImageList(pairs, eval_transform(image_size_of(model))),

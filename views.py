@@ -1,9 +1,10 @@
 """The image views: DeCLIP's (Appendix B), CLIP's single training view, and the eval transform.
 
-    view = DeclipView(224)                 # RandomResizedCrop 0.2-1, ColorJitter p 0.8, grayscale
-    x = view(pil_image)                    # p 0.2, blur p 0.5, flip: a normalised (3, 224, 224)
-    params = view.sample(pil_image)        # or: the random draws alone, then
-    x = view.apply(pil_image, params)      # their application (what data.label_visible tests)
+    view = DeclipView(224)             # crop 0.2-1, colour jitter, grayscale, blur, flip
+    x = view(pil_image)                # (3, 224, 224), normalised
+    params = view.sample(pil_image)    # or the random draws alone,
+    x = view.apply(pil_image, params)  # then their application (data.label_visible uses both)
+    x = clip_image_transform(224)(pil_image)   # CLIP's mild crop; eval_transform(224): no crop
 
 DeclipView draws what torchvision's transforms draw, and applies it 4x cheaper than torchvision on
 PIL images (`apply_torchvision`, kept as the reference): the crop is resized by torch's uint8
