@@ -130,8 +130,9 @@ def _resized_crop_params(size, scale, ratio, u):
 class DeclipView:
     """DeCLIP's image view (Appendix B; SimCLR/SimSiam's recipe with crop scale 0.2-1).
 
-    RandomResizedCrop(scale 0.2-1, bicubic) -> ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 ->
-    grayscale with p 0.2 -> Gaussian blur with p 0.5 -> horizontal flip with p 0.5.
+    RandomResizedCrop(scale 0.2-1, aspect ratio 3/4-4/3, bicubic) -> ColorJitter(0.4, 0.4, 0.4,
+    0.1) with p 0.8 -> grayscale with p 0.2 -> Gaussian blur with p 0.5 -> horizontal flip with
+    p 0.5.
     The paper gives blur's sigma range (0.1-2 px at 224 px) but not its probability: we take
     SimCLR's p = 0.5, and scale sigma and the kernel (23 px at 224, ~10% of the side) with the
     image side, so a 64 px image is blurred as much, relative to its content, as a 224 px photo.
@@ -142,9 +143,9 @@ class DeclipView:
     `apply_torchvision` applies the same draws with torchvision's ops on PIL images.
     """
 
-    def __init__(self, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8,
-                 p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0), flip=True):
-        self.size, self.scale, self.jitter, self.flip = size, scale, jitter, flip
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
+                 p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0), flip=True):
+        self.size, self.scale, self.ratio, self.jitter, self.flip = size, scale, ratio, jitter, flip
         self.p_jitter, self.p_gray, self.p_blur = p_jitter, p_gray, p_blur
         self.sigma = (sigma[0] * size / 224, sigma[1] * size / 224)
         self.kernel = int(0.1 * size) // 2 * 2 + 1
@@ -155,7 +156,7 @@ class DeclipView:
         RandomHorizontalFlip, from one call to torch's RNG (their get_params make ~20 calls,
         0.35 ms a view)."""
         u = iter(torch.rand(36, dtype=torch.float64).tolist())  # enough for every draw
-        crop = _resized_crop_params(image.size, self.scale, (3 / 4, 4 / 3), u)  # i, j, h, w
+        crop = _resized_crop_params(image.size, self.scale, self.ratio, u)  # i, j, h, w
         jitter = None
         if next(u) < self.p_jitter:
             keys = [next(u) for _ in range(4)]

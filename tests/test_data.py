@@ -395,7 +395,8 @@ def test_declip_draws_follow_torchvisions_distributions():
     torch.manual_seed(0)
     ours = [view.sample(image) for _ in range(1500)]
     b, c, s, h = view.jitter
-    theirs = [dict(crop=T.RandomResizedCrop.get_params(image, view.scale, (3 / 4, 4 / 3)),
+    assert view.ratio == (3 / 4, 4 / 3)  # torchvision's and SimSiam's default
+    theirs = [dict(crop=T.RandomResizedCrop.get_params(image, view.scale, view.ratio),
                    jitter=T.ColorJitter.get_params([1 - b, 1 + b], [1 - c, 1 + c],
                                                    [1 - s, 1 + s], [-h, h])) for _ in range(1500)]
 
@@ -416,6 +417,17 @@ def test_declip_draws_follow_torchvisions_distributions():
         assert abs(freq - p) < 4 * (p * (1 - p) / len(ours)) ** 0.5, (key, freq)
     sigmas = np.array([d["sigma"] for d in ours if d["sigma"] is not None])
     assert sigmas.min() >= 0.1 and sigmas.max() <= 2.0 and abs(sigmas.mean() - 1.05) < 0.06
+
+
+def test_declip_view_crops_keep_the_given_aspect_ratios():
+    """`ratio` reaches the crop: square crops only at (1, 1), within 3/4-4/3 by default."""
+    image = Image.new("RGB", (64, 64))
+    torch.manual_seed(0)
+    square = [views.DeclipView(64, ratio=(1, 1)).sample(image)["crop"] for _ in range(200)]
+    assert all(abs(h - w) <= 1 for _, _, h, w in square)  # rounding of sqrt(area)
+    wide = [views.DeclipView(64).sample(image)["crop"] for _ in range(200)]
+    assert max(abs(h - w) for _, _, h, w in wide) > 3
+    assert all(3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05 for _, _, h, w in wide)
 
 
 def test_image_text_views_are_a_function_of_seed_epoch_index(text_aug):

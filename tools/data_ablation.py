@@ -11,9 +11,11 @@ The variants are environment variables, so that train.py keeps no flags for one-
     RENDER=2      python tools/data_ablation.py ...   # images drawn at 2x the model's input size
     WIDTH=32      python tools/data_ablation.py ...   # tiny-rn with width 32 instead of 16
     GRID=2 COPIES=2,2 RADIUS=0.18,0.22 python tools/data_ablation.py ...   # fewer, larger objects
+    CROP_RATIO=1,1 python tools/data_ablation.py --image-aug declip ...   # square crops only
 
 Every other argument goes to train.py unchanged.
 """
+import functools
 import os
 import random
 import sys
@@ -21,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import builtin_data  # noqa: E402
 import clip  # noqa: E402
+import views  # noqa: E402
 
 
 def area_cue_shapes():
@@ -91,5 +94,8 @@ if __name__ == "__main__":
         builtin_data.COPIES = tuple(int(v) for v in env("COPIES").split(","))
     if env("RADIUS"):
         builtin_data.RADIUS = tuple(float(v) for v in env("RADIUS").split(","))
+    if env("CROP_RATIO"):  # DeCLIP's view with another aspect-ratio range (paper: 3/4-4/3)
+        ratio = tuple(float(v) for v in env("CROP_RATIO").split(","))
+        views.DeclipView = functools.partial(views.DeclipView, ratio=ratio)
     import train  # noqa: E402
     train.main(sys.argv[1:])
