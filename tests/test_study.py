@@ -64,6 +64,20 @@ def test_plan_shares_runs_and_names_claims():
     assert ("top1", "declip-500", "clip-500", 1, "Table 4: DeCLIP +6.6 pts over CLIP") in claims
     assert ("top1", "flip-all", "clip_vit-all", -1, "Fig. 3: FLIP below CLIP") in claims
     assert [c[0] for c in claims if c[1] == "declip-all"] == ["top1", "colour"]
+    assert "views" not in groups and "textpass" not in groups  # only when --configs asks
+
+
+def test_views_group_splits_declip_into_its_views_and_its_losses():
+    args = study.get_args(["--configs", "clip,clip_dview,declip", "--sizes", "2000"])
+    groups = study.plan(args)
+    assert groups["views"] == ["clip-2000", "clip_dview-2000", "declip-2000"]
+    assert "clip_dview" not in study.DEFAULT_CONFIGS
+    assert study.CONFIGS["clip_dview"][1][-2:] == ["--image-aug", "declip"]
+    claims = study.claims_of(args, groups)
+    assert ("top1", "clip_dview-2000", "clip-2000", 1,
+            "(ours) DeCLIP's views alone beat CLIP's crop") in claims
+    assert ("top1", "declip-2000", "clip_dview-2000", 1,
+            "(ours) DeCLIP's losses beat CLIP on the same views") in claims
 
 
 def test_tome_r_merges_about_half():
