@@ -75,8 +75,9 @@ FIG3 = ("clip_vit", "flip", "siglip", "sigflip", "tome")
 CURVE = ("clip", "declip")
 TEXTPASS = ("declip", "declip_separate", "declip_bidir")
 VIEWS = ("clip", "clip_dview", "declip")
-EXTRA = ("declip_separate", "declip_bidir", "clip_dview")
-DEFAULT_CONFIGS = [c for c in CONFIGS if c not in EXTRA]  # --configs adds the others
+# groups (d) and (e) run only when --configs names one of their own configs
+OPTIONAL = {"textpass": TEXTPASS[1:], "views": ("clip_dview",)}
+DEFAULT_CONFIGS = [c for c in CONFIGS if not any(c in extra for extra in OPTIONAL.values())]
 GROUPS = {
     "table4": "(a) DeCLIP Table 4: supervisions added cumulatively (tiny ResNet, data-limited)",
     "fig3": "(b) Medium-scale study Fig. 3: CLIP variants (tiny ViT, unlimited data)",
@@ -87,7 +88,8 @@ GROUPS = {
 # What the papers report (ImageNet zero-shot top-1 %).
 PAPER = {"clip": "20.6", "mvs": "24.8 (+4.2)", "mvs_ss": "25.4 (+4.8)", "declip": "27.2 (+6.6)",
          "clip_vit": "reference", "flip": "below CLIP", "siglip": "best, +9 pts",
-         "sigflip": "", "tome": "below CLIP", "declip_separate": "", "declip_bidir": "", "clip_dview": ""}
+         "sigflip": "", "tome": "below CLIP", "declip_separate": "", "declip_bidir": "",
+         "clip_dview": ""}
 # The papers' claims: (config a, config b, sign of a - b the paper reports, text).
 CLAIMS_TABLE4 = [("mvs", "clip", +1, "Table 4: MVS +4.2 pts over CLIP"),
                  ("mvs_ss", "mvs", +1, "Table 4: SS +0.6 pts on top of MVS"),
@@ -165,7 +167,7 @@ def plan(args):
               "curve": [rid(n, s) for n in CURVE if n in args.configs for s in args.sizes],
               "textpass": [rid(n, args.table4_size) for n in TEXTPASS if n in args.configs],
               "views": [rid(n, args.table4_size) for n in VIEWS if n in args.configs]}
-    for g, extra in (("textpass", TEXTPASS[1:]), ("views", ("clip_dview",))):
+    for g, extra in OPTIONAL.items():
         if len(groups[g]) < 2 or not any(n in args.configs for n in extra):
             groups[g] = []  # DeCLIP alone, or CLIP and DeCLIP alone, compare nothing new here
     return {g: ids for g, ids in groups.items() if ids}
@@ -393,15 +395,18 @@ def _half_width(s):
     return s["ci95"] if math.isfinite(s["ci95"]) else 0.0
 
 
+def _interval(s):
+    """The 95% interval of an accuracy, cut to [0, 1]: Student's t knows nothing of the bounds."""
+    return max(0.0, s["mean"] - _half_width(s)), min(1.0, s["mean"] + _half_width(s))
+
+
 def _bar_panel(draw, box, title, items, key, scale, colour, fmt):
     """Bars with mean ± 95% interval and one dot per seed; returns {label: bar rectangle}."""
     x0, y0, x1, y1 = box
     f, fs = font(14), font(12)
     draw.text((x0, y0), title, fill=INK, font=f)
     top, bottom, left = y0 + 28, y1 - 36, x0 + 44
-    # an accuracy's interval is cut at 100%: Student's t knows nothing of the bound
-    vmax = min(scale, _nice_max(max(max(it[key]["max"], min(1.0, it[key]["mean"]
-                                                            + _half_width(it[key])))
+    vmax = min(scale, _nice_max(max(max(it[key]["max"], _interval(it[key])[1])
                                     for it in items) * scale * 1.05))
     for k in range(6):  # horizontal grid and tick labels
         v = vmax * k / 5
@@ -418,7 +423,7 @@ def _bar_panel(draw, box, title, items, key, scale, colour, fmt):
         rect = (round(cx - width / 2), round(to_y(s["mean"])), round(cx + width / 2), bottom)
         draw.rectangle(rect, fill=colour)
         rects[it["label"]] = rect
-        lo, hi = to_y(s["mean"] - _half_width(s)), to_y(min(1.0, s["mean"] + _half_width(s)))
+        lo, hi = map(to_y, _interval(s))
         draw.line((cx, lo, cx, hi), fill=INK, width=2)
         for y in (lo, hi):
             draw.line((cx - 6, y, cx + 6, y), fill=INK, width=2)
@@ -494,7 +499,7 @@ def draw_curve(configs, ids, path, note=""):
                 continue
             t = configs[run_id]["top1"]
             x, y = xs[s] + (k - 0.5) * 8, to_y(t["mean"])
-            lo, hi = to_y(t["mean"] - _half_width(t)), to_y(min(1.0, t["mean"] + _half_width(t)))
+            lo, hi = map(to_y, _interval(t))
             draw.line((x, lo, x, hi), fill=colour, width=2)
             draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
             pts.append((x, y))
