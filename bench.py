@@ -48,8 +48,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# the environment this ran in, for the train.py runs (importing train.py sets OMP_WAIT_POLICY)
+START_ENV = dict(os.environ)
+
 from clip import build_model, create_model
 from declip import DeCLIP
+from train import default_precision
 from losses import clip_loss
 
 
@@ -306,6 +310,169 @@ def bench_methods(models, batch, device, repeat, vocab_size=1024):
                   f"{mem[label] / mem['CLIP']:.2f}x |")
 
 
+# ----------------------------------------------------------------------------- the CPU step
+
+def matmul_peak(dtype, n=2048, repeat=5):
+    """FLOP/s of an n x n x n matrix product in dtype with this process's threads: the
+    practical ceiling the training step is measured against."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t = interleaved({"mm": lambda: a @ b}, warmup=2, repeat=repeat)["mm"]
+    return 2 * n ** 3 / t
+
+
+def declip_step(batch, precision, channels_last, model_name="tiny-rn", vocab_size=768):
+    """train.py's step (DeCLIP, all terms on, AdamW) on a fixed random batch, as a closure."""
+    torch.manual_seed(0)
+    clip = create_model(model_name, vocab_size=vocab_size, eot_id=vocab_size - 2)
+    model = DeCLIP(clip, queue_size=batch * 4, mask_id=vocab_size - 1, vocab_size=vocab_size)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    cfg = clip.config
+    images, ids = fake_batch(2 * batch, cfg["image_resolution"], cfg["context_length"],
+                             vocab_size, vocab_size - 2, "cpu")
+    images = images.contiguous(memory_format=memory_format)
+    view1, view2, ids_aug = images[:batch], images[batch:], ids[:batch].roll(1, dims=1)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, _ = model(view1, view2, ids[:batch], ids_aug, push=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.push_queue()
+    return step
+
+
+def step_flops(step):
+    """FLOPs of one call of step (forward and backward), counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def data_samples_per_s(batch, steps=3):
+    """Samples/s of train.py's data pipeline in this process (builtin DeCLIP data: render, two
+    views, EDA, tokenise, collate), as one DataLoader worker runs it: one thread."""
+    import train
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    args = train.get_args(["--batch-size", str(batch), "--train-size", "2000", "--workers", "0"])
+    base = train.build_base(args)
+    tokenizer, _ = train.build_tokenizer(args, base, None)
+    args.context_length = 32
+    loader = train.build_loader(args, base, tokenizer, 64, 0, 1, total_steps=steps + 1)[2]
+    batches = iter(loader)
+    next(batches)  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    seconds = time.perf_counter() - t
+    torch.set_num_threads(threads)
+    return steps * batch / seconds
+
+
+def run_train(root, flags, out):
+    """Runs train.py in `root` with flags; -> its training samples/s (from log.jsonl)."""
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, "train.py", *flags, "--output", out], cwd=root, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=START_ENV)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        final = [json.loads(line) for line in f if '"final"' in line][-1]
+    return final["final"]["samples_per_s"]
+
+
+def baseline_checkout(rev):
+    """A detached git worktree of revision rev (train.py as it was), removed at exit."""
+    import atexit
+    root = os.path.dirname(os.path.abspath(__file__))
+    where = tempfile.mkdtemp(prefix="bench-baseline-")
+    subprocess.run(["git", "worktree", "add", "--detach", where, rev], cwd=root, check=True,
+                   capture_output=True)
+    atexit.register(subprocess.run, ["git", "worktree", "remove", "--force", where], cwd=root,
+                    capture_output=True)
+    return where
+
+
+def bench_attention(repeat):
+    """clip.attention against F.scaled_dot_product_attention (its fused kernel) at the demo's
+    shapes, forward + backward on CPU: why the bf16 step takes the plain formula there."""
+    from clip import attention
+    print(f"\n## Attention on CPU, forward + backward (median of {repeat} interleaved calls, "
+          f"{torch.get_num_threads()} threads)")
+    print("| shape (B, H, L, S, d) | dtype | fused SDPA (ms) | clip.attention (ms) | speed-up |")
+    print("|---|---|---|---|---|")
+    for (B, H, L, S, d), causal in (((512, 4, 17, 17, 32), True), ((512, 4, 1, 5, 4), False)):
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(B, H, n, d, generator=g).to(dtype).requires_grad_()
+                       for n in (L, S, S))
+
+            def sdpa():
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal).float().sum().backward()
+
+            def ours():
+                attention(q, k, v, is_causal=causal).float().sum().backward()
+            t = interleaved({"sdpa": sdpa, "ours": ours}, repeat=repeat)
+            print(f"| {(B, H, L, S, d)}{' causal' if causal else ''} | "
+                  f"{str(dtype).split('.')[-1]} | {t['sdpa'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | "
+                  f"{t['sdpa'] / t['ours']:.2f}x |")
+
+
+def bench_cpu(batch, steps, rounds, baseline=None):
+    """The CPU table: the DeCLIP demo model's step against this CPU's matmul peak, in fp32 and
+    bf16, contiguous and channels-last; the data pipeline; train.py end to end."""
+    print(f"\n## The CPU step: DeCLIP tiny-rn, batch {batch}, {torch.get_num_threads()} threads "
+          f"({os.cpu_count()} cores; bf16 in hardware: "
+          f"{torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()})")
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    flops = step_flops(declip_step(batch, "fp32", False)) / batch
+    print(f"FLOPs per sample (forward + backward, flop_counter): {flops / 1e6:.0f} M; "
+          f"2048^3 matmul peak: {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, "
+          f"{peak['bf16'] / 1e9:.0f} GFLOP/s bf16")
+    print("| what | samples/s | GFLOP/s | % of the matmul peak (same precision) | speed-up |")
+    print("|---|---|---|---|---|")
+
+    def row(label, samples_per_s, precision, reference):
+        achieved = flops * samples_per_s
+        print(f"| {label} | {samples_per_s:.0f} | {achieved / 1e9:.0f} | "
+              f"{achieved / peak[precision]:.0%} | {samples_per_s / reference:.2f}x |")
+    configs = {(p, cl): declip_step(batch, p, cl) for p in ("fp32", "bf16") for cl in (0, 1)}
+    t = interleaved(configs, warmup=2, repeat=rounds * 3)
+    for (precision, cl), seconds in t.items():
+        row(f"model only, {precision}, {'channels-last' if cl else 'contiguous'}",
+            batch / seconds, precision, batch / t[("fp32", 0)])
+    data = data_samples_per_s(batch)
+    print(f"| data pipeline alone, one process, one thread | {data:.0f} | | | |")
+
+    # train.py end to end, data loading included: the old settings (fp32, contiguous) and the
+    # defaults; with --baseline REV also train.py as it was at REV, with its own defaults
+    common = ["--batch-size", str(batch), "--train-size", "2000", "--steps", str(steps),
+              "--eval-size", "42", "--log-every", str(steps)]
+    root = os.path.dirname(os.path.abspath(__file__))
+    runs = {}
+    if baseline:
+        runs[f"train.py at {baseline}"] = (baseline_checkout(baseline), common, "fp32")
+    runs["train.py --precision fp32 --no-channels-last"] = (
+        root, common + ["--precision", "fp32", "--no-channels-last"], "fp32")
+    runs["train.py (defaults)"] = (root, common, default_precision(torch.device("cpu")))
+    speeds = {k: [] for k in runs}
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(rounds):  # interleaved: load on the machine hits every run alike
+            for label, (where, flags, _) in runs.items():
+                speeds[label].append(run_train(where, flags, os.path.join(out, "run")))
+    print(f"\ntrain.py end to end, data loading included (batch {batch}, 2,000 built-in pairs, "
+          f"{steps} steps, training samples/s of its log, median of {rounds} interleaved runs; "
+          f"speed-up against the first row):")
+    print("| run | samples/s | GFLOP/s | % of the matmul peak (same precision) | speed-up |")
+    print("|---|---|---|---|---|")
+    first = statistics.median(next(iter(speeds.values())))
+    for label, (_, _, precision) in runs.items():
+        row(label, statistics.median(speeds[label]), precision, first)
+
+
 # ----------------------------------------------------------------------------- data pipeline
 
 def photo_jpeg(rng, side=256):
@@ -505,7 +672,8 @@ def bench_index(n_samples, per_shard=10_000, pairs=88_000_000, ranks=8):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default="step,tokenizer,declip,mlm,methods,views,index")
+    p.add_argument("--only",
+                   default="step,tokenizer,declip,mlm,methods,views,index,attention,cpu")
     p.add_argument("--models", default="tiny,ViT-B-32")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=6)
@@ -513,6 +681,13 @@ def main():
     p.add_argument("--view-size", type=int, default=224, help="views: output side (RN50: 224)")
     p.add_argument("--index-samples", type=int, default=100_000,
                    help="index: tiny samples to index (in shards of 10,000)")
+    p.add_argument("--cpu-batch", type=int, default=256, help="cpu: batch of the CPU table")
+    p.add_argument("--cpu-steps", type=int, default=100,
+                   help="cpu: steps of each end-to-end train.py run")
+    p.add_argument("--cpu-rounds", type=int, default=2,
+                   help="cpu: interleaved rounds of the end-to-end runs")
+    p.add_argument("--baseline", default=None,
+                   help="cpu: also time train.py as it was at this git revision (its defaults)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gpu", action="store_true",
                    help="run only the GPU check: DeCLIP vs CLIP RN50 at 128 per GPU, fp16/bf16, "
@@ -538,6 +713,10 @@ def main():
         bench_methods(models, args.batch, device, args.repeat)
     if "views" in only:
         bench_views(args.view_size)
+    if "attention" in only:
+        bench_attention(args.repeat)
+    if "cpu" in only:
+        bench_cpu(args.cpu_batch, args.cpu_steps, args.cpu_rounds, args.baseline)
     if "index" in only:
         bench_index(args.index_samples)
 

@@ -49,7 +49,8 @@ holding a module tower's config. `from_config(config, build_tower)` rebuilds any
 Where we differ from OpenAI's code:
 - The text feature sits at the first position where `ids == eot_id` (equality, never
   `argmax(ids)`), so DeCLIP's mask token (49408, larger than EOT 49407) is never taken for EOT.
-- Attention runs on `F.scaled_dot_product_attention`, batch first, `is_causal=True` for the text.
+- Attention runs on `F.scaled_dot_product_attention`, batch first, `is_causal=True` for the text
+  (plain ops on CPU in bf16, where they are faster).
 - Mixed precision through `torch.autocast` only: no fp16 weight conversion, plain `nn.LayerNorm`.
 - Selectable activation: "quick_gelu" (OpenAI's weights) or "gelu" (our default for new models).
 - ViT patch dropout (FLIP, Li et al. 2023) and token merging (ToMe, tome.py: `tome_r`).
@@ -101,6 +102,21 @@ def checkpointed(module, *args, **kwargs):
                       context_fn=lambda: (contextlib.nullcontext(), _BatchNormOnce(module)))
 
 
+def attention(q, k, v, attn_mask=None, is_causal=False):
+    """softmax(q k^T / sqrt(d) + mask) v over (B, H, L, d) heads: F.scaled_dot_product_attention,
+    except on CPU in bf16, where its fused kernel's backward is ~6x slower than these three
+    plain ops at CLIP's short lengths (`python bench.py --only attention`)."""
+    if not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                  # (B, H, L, S)
+    if is_causal:
+        future = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    return logits.float().softmax(dim=-1).to(v.dtype) @ v                   # (B, H, L, d)
+
+
 class QuickGELU(nn.Module):
     """OpenAI's GELU approximation x * sigmoid(1.702 x): OpenAI's weights were trained with it."""
 
@@ -132,7 +148,7 @@ class Attention(nn.Module):
         qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, W/H) each
         bias = None if attn_bias is None else attn_bias.to(q.dtype)  # SDPA: mask dtype = q's
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal)
+        x = attention(q, k, v, attn_mask=bias, is_causal=is_causal)  # (B, H, L, W/H)
         x = self.out_proj(x.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
         return (x, k) if return_keys else x
 
@@ -300,7 +316,7 @@ class AttentionPool2d(nn.Module):
         q = self.q_proj(x[:, :1]).view(B, 1, H, C // H).transpose(1, 2)  # (B, H, 1, C/H)
         k = self.k_proj(x).view(B, L, H, C // H).transpose(1, 2)  # (B, H, 1 + hw, C/H)
         v = self.v_proj(x).view(B, L, H, C // H).transpose(1, 2)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, C/H)
+        x = attention(q, k, v)  # (B, H, 1, C/H)
         return self.c_proj(x.reshape(B, C))  # (B, D)
 
 

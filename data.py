@@ -425,15 +425,16 @@ class ImageText(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.base)
 
-    def __getitem__(self, i):
-        """-> {"image": (3, H, W), ["image_aug": (3, H, W)], "text": str, ["text_aug": str],
-        "n_skipped": int}.
+    def __getitem__(self, key):
+        """key: an index i, or (epoch, i) (train.StepSampler) -> {"image": (3, H, W),
+        ["image_aug": (3, H, W)], "text": str, ["text_aug": str], "n_skipped": int}.
 
         An unusable base sample (corrupt image, empty caption) is replaced by another one chosen
         from (seed, epoch, index), and counted in n_skipped: every batch keeps its size, which
         the all-gather of the global batch under DDP needs, and the step -> batch mapping that
         exact resume relies on stays fixed.
         """
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         n_skipped, j = 0, int(i)
         item = self.base[j]
         while item is None:
@@ -441,10 +442,10 @@ class ImageText(torch.utils.data.Dataset):
             if n_skipped > MAX_SUBSTITUTES:
                 raise RuntimeError(f"{MAX_SUBSTITUTES} unusable samples in a row near index {i}: "
                                    f"check the data (see the warnings above)")
-            j = _sample_seed(self.seed, self.epoch, int(i), n_skipped) % len(self.base)
+            j = _sample_seed(self.seed, epoch, int(i), n_skipped) % len(self.base)
             item = self.base[j]
         image, text = item
-        seed = _sample_seed(self.seed, self.epoch, j)
+        seed = _sample_seed(self.seed, epoch, j)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators stay as they are
             out = {"image": self.transform(image)}

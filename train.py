@@ -28,6 +28,10 @@ import sys
 import time
 import warnings
 
+# Set before torch loads OpenMP: compute threads that wait at the end of a parallel region sleep
+# instead of spinning, so the data-loading worker gets the core they would burn (2 cores, batch
+# 256: 1.2x the end-to-end step, with loading overlapped; `python bench.py --only cpu`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -146,7 +150,11 @@ def get_args(argv=None):
                         "more compute (DeCLIP RN50 at 128 per GPU on 16 GB)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on GPUs that support it, else fp32; fp16: GradScaler")
+                   help="default: bf16 on GPUs and CPUs that compute in it natively (CPU: "
+                        "AVX512-BF16 or AMX), else fp32; fp16 (GPU): with a GradScaler")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC images and weights (default: on for ResNet towers, where it is "
+                        "faster on GPUs and CPUs; ViTs have no convolutions to gain from it)")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="abort after this many consecutive non-finite steps")
     p.add_argument("--seed", type=int, default=0)
@@ -213,6 +221,17 @@ def setup_distributed(args):
     return rank, world, device
 
 
+def default_precision(device):
+    """bf16 where the hardware multiplies in it: CUDA GPUs that support it (Ampere on), and CPUs
+    with AVX512-BF16 or AMX (2.2x the fp32 step on a 2-core AVX512-BF16 machine; other CPUs
+    emulate bf16, slower than fp32). fp32 elsewhere."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported",
+                                                      "_is_amx_tile_supported")]
+    return "bf16" if device.type == "cpu" and any(f() for f in native if f) else "fp32"
+
+
 def seed_step(seed, rank, step):
     """All randomness of a step (patch dropout, MLM masking) comes from (seed, rank, step)."""
     torch.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
@@ -220,32 +239,38 @@ def seed_step(seed, rank, step):
 
 # ----------------------------------------------------------------------------- data
 
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's share of a seeded permutation of the dataset, starting at a given batch.
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's samples for steps [start_step, total_steps): (epoch, index) pairs, epoch after
+    epoch of a seeded permutation of the n samples.
 
-    Like DistributedSampler with drop_last, but it can start mid-epoch, which makes resume exact
-    without replaying the data loader. Every rank gets the same number of full batches.
+    Like DistributedSampler with drop_last, but one iterator spans the whole run: the DataLoader's
+    workers live for the run and keep loading across epoch boundaries (a new iterator each epoch
+    would restart them and drain the prefetch, every 7 steps at 2,000 pairs and batch 256), and
+    it can start at any step, which makes resume exact without replaying the data loader. The
+    epoch travels with the index because workers hold their own copy of the dataset.
     """
 
-    def __init__(self, n, batch_size, rank, world, seed):
+    def __init__(self, n, batch_size, rank, world, seed, total_steps, start_step=0):
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.batches_per_epoch = n // (batch_size * world)
-        self.epoch, self.start_batch = 0, 0
-        if self.batches_per_epoch == 0:
+        self.total_steps, self.start_step = total_steps, start_step
+        self.steps_per_epoch = n // (batch_size * world)
+        if self.steps_per_epoch == 0:
             raise SystemExit(f"dataset has {n} samples, fewer than one global batch "
                              f"({batch_size} x {world}): lower --batch-size")
 
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
-
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.rank::self.world]
-        order = order[self.start_batch * self.batch_size: self.batches_per_epoch * self.batch_size]
-        return iter(order.tolist())
+        step = self.start_step
+        while step < self.total_steps:
+            epoch, batch = divmod(step, self.steps_per_epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g)[self.rank::self.world]
+            end = min(self.steps_per_epoch, batch + self.total_steps - step)
+            for i in order[batch * self.batch_size: end * self.batch_size].tolist():
+                yield epoch, i
+            step += end - batch
 
     def __len__(self):
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+        return (self.total_steps - self.start_step) * self.batch_size
 
 
 def build_base(args):
@@ -304,7 +329,7 @@ def build_tokenizer(args, base, checkpoint):
     return tokenizer, [" ".join(m) for m in tokenizer.merges]
 
 
-def build_loader(args, base, tokenizer, image_size, rank, world):
+def build_loader(args, base, tokenizer, image_size, rank, world, total_steps, start_step=0):
     two_views = args.mvs or args.ss
     if (args.image_aug or ("declip" if two_views else "clip")) == "declip":
         transform = views.DeclipView(image_size, scale=(args.crop_scale, 1.0),
@@ -315,7 +340,8 @@ def build_loader(args, base, tokenizer, image_size, rank, world):
         transform = views.clip_image_transform(image_size)
     dataset = data.ImageText(base, transform, views=2 if two_views else 1,
                              text_aug=eda.augment if args.mvs else None, seed=args.seed)
-    sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
+    sampler = StepSampler(len(dataset), args.batch_size, rank, world, args.seed, total_steps,
+                          start_step)
     collate = functools.partial(data.collate, tokenizer=tokenizer,
                                 context_length=args.context_length)
     loader = torch.utils.data.DataLoader(
@@ -407,8 +433,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(args)
     is_main = rank == 0
     if args.precision is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        args.precision = "bf16" if bf16 else "fp32"
+        args.precision = default_precision(device)
     if args.precision == "fp16" and device.type != "cuda":
         raise SystemExit("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on CPU")
     checkpoint = load_resume(args)
@@ -457,11 +482,13 @@ def main(argv=None):
             lock_tower(model, side)
     if world > 1 and device.type == "cuda":  # a ResNet tower's BatchNorm sees the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # ResNet towers on CUDA: channels-last (NHWC) is the layout tensor cores convolve without
-    # transposes; the images are moved to the device in the same layout.
-    conv_tower = device.type == "cuda" and not hasattr(model.clip.visual, "transformer")
-    memory_format = torch.channels_last if conv_tower else torch.preserve_format
-    if conv_tower:
+    # ResNet towers: channels-last (NHWC) is the layout tensor cores, and oneDNN on CPUs, convolve
+    # without transposes (CPU, tiny-rn: 1.3x the step in fp32, 1.5x in bf16; bench.py); the
+    # images are moved to the device in the same layout.
+    if args.channels_last is None:
+        args.channels_last = not hasattr(model.clip.visual, "transformer")
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    if args.channels_last:
         model = model.to(memory_format=memory_format)
     if dist.is_initialized():  # torchrun, even with one process (the GPU check's smoke run)
         # broadcast_buffers=False: the NN queue is identical on every rank by construction (it is
@@ -476,7 +503,9 @@ def main(argv=None):
     if args.compile:  # off by default: minutes of compilation pay off only in long runs
         ddp = torch.compile(ddp)
 
-    dataset, sampler, loader = build_loader(args, base, tokenizer, image_size, rank, world)
+    step = 0 if checkpoint is None else checkpoint["step"]
+    dataset, sampler, loader = build_loader(args, base, tokenizer, image_size, rank, world, total,
+                                            step)
     zeroshot = zeroshot_set(args, image_size) if is_main else None
     # AdamW; no decay on norms, biases, logit scale/bias; per-tower peak lr (pretrained.py)
     groups = param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr)
@@ -485,13 +514,11 @@ def main(argv=None):
              else dict(fused=None, foreach=True))
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, **fused)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
-    step = 0
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         for group in optimizer.param_groups:  # not the kernel choice of the machine it came from
             group.update(fused)
         scaler.load_state_dict(checkpoint["scaler"])
-        step = checkpoint["step"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16"
                               else torch.float16, enabled=args.precision != "fp32")
 
@@ -521,87 +548,82 @@ def main(argv=None):
     sums, t_log, n_log = {}, time.time(), 0
     # BatchNorm running statistics (a ResNet tower, SimSiam's heads): restored after a bad step
     bn_stats = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("running_")]
+    bn_before = [torch.empty_like(b) for b in bn_stats]  # filled in place: no allocation a step
     train_mode(model)  # model.train(), but locked BatchNorms stay frozen
     first_step, t_start = step, time.perf_counter()
-    while step < total:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        dataset.set_epoch(epoch)
-        for batch in loader:
-            seed_step(args.seed, rank, step)
-            lr = lr_at(step, total, args.warmup, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, args.warmup, group["base_lr"])
-            n_skipped += batch.pop("n_skipped")  # unreadable samples, replaced by data.ImageText
-            batch = {k: v.to(device, non_blocking=True,
-                             memory_format=memory_format if v.dim() == 4 else torch.preserve_format)
-                     for k, v in batch.items()}
-            bn_before = [b.clone() for b in bn_stats]
-            with autocast:
-                loss, terms = ddp(batch["image"], batch.get("image_aug"), batch["ids"],
-                                  batch.get("ids_aug"), push=False)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            # DDP made the gradients identical on every rank, so every rank takes the same decision.
-            grad_norm = clip_gradients(model.parameters(), args.grad_clip)
-            finite = bool(torch.isfinite(grad_norm))  # the one host sync of the step
-            if finite:
-                scaler.step(optimizer)
-                model.push_queue()  # the NN queue only ever holds features of good steps
-                bad_in_a_row = 0
-            else:
-                for stat, before in zip(bn_stats, bn_before):  # undo what the forward changed
-                    stat.copy_(before)
-                n_bad += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= args.max_bad_steps:
-                    raise SystemExit(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
-                                     f"lower --lr, set --grad-clip, or use --precision bf16/fp32; "
-                                     f"the last good checkpoint is kept")
-            scaler.update()
-            clamp_logit_scale_(model.clip.logit_scale)
-            step += 1
+    for batch in loader:
+        seed_step(args.seed, rank, step)
+        lr = lr_at(step, total, args.warmup, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, args.warmup, group["base_lr"])
+        n_skipped += batch.pop("n_skipped")  # unreadable samples, replaced by data.ImageText
+        batch = {k: v.to(device, non_blocking=True,
+                         memory_format=memory_format if v.dim() == 4 else torch.preserve_format)
+                 for k, v in batch.items()}
+        if bn_stats:
+            torch._foreach_copy_(bn_before, bn_stats)
+        with autocast:
+            loss, terms = ddp(batch["image"], batch.get("image_aug"), batch["ids"],
+                              batch.get("ids_aug"), push=False)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        # DDP made the gradients identical on every rank, so every rank takes the same decision.
+        grad_norm = clip_gradients(model.parameters(), args.grad_clip)
+        finite = bool(torch.isfinite(grad_norm))  # the one host sync of the step
+        if finite:
+            scaler.step(optimizer)
+            model.push_queue()  # the NN queue only ever holds features of good steps
+            bad_in_a_row = 0
+        else:
+            torch._foreach_copy_(bn_stats, bn_before)  # undo what the forward changed
+            n_bad += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= args.max_bad_steps:
+                raise SystemExit(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
+                                 f"lower --lr, set --grad-clip, or use --precision bf16/fp32; "
+                                 f"the last good checkpoint is kept")
+        scaler.update()
+        clamp_logit_scale_(model.clip.logit_scale)
+        step += 1
 
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            n_log += 1
-            if step % args.log_every == 0 or step == total:
-                record = {k: round(float(v) / n_log, 5) for k, v in sums.items()}
-                skipped = torch.tensor(n_skipped)
-                if world > 1:  # every rank skips its own samples
-                    dist.all_reduce(skipped)
-                dt = time.time() - t_log
-                record.update(step=step, epoch=epoch, lr=lr,
-                              samples_per_s=round(n_log * args.batch_size * world / dt, 1),
-                              bad_steps=n_bad, skipped_samples=int(skipped))
-                sums, t_log, n_log = {}, time.time(), 0
-                if is_main:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    progress.set_postfix(loss=record.get("total"), sps=record["samples_per_s"],
-                                         lr=f"{lr:.2e}")
-                    if not sys.stdout.isatty():  # SLURM, nohup: tqdm is silent, print a line
-                        seconds = time.perf_counter() - t_start
-                        eta = seconds / (step - first_step) * (total - step)
-                        print(log_line(record, total, eta), flush=True)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        n_log += 1
+        if step % args.log_every == 0 or step == total:
+            record = {k: round(float(v) / n_log, 5) for k, v in sums.items()}
+            skipped = torch.tensor(n_skipped)
+            if world > 1:  # every rank skips its own samples
+                dist.all_reduce(skipped)
+            dt = time.time() - t_log
+            record.update(step=step, epoch=(step - 1) // steps_per_epoch, lr=lr,
+                          samples_per_s=round(n_log * args.batch_size * world / dt, 1),
+                          bad_steps=n_bad, skipped_samples=int(skipped))
+            sums, t_log, n_log = {}, time.time(), 0
             if is_main:
-                progress.update(1)
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                evaluate(model.clip, tokenizer, args, device, rank, world, step, log, zeroshot)
-                train_mode(model)
-            if step % args.save_every == 0 or step == total:
-                if is_main:
-                    save_checkpoint(os.path.join(args.output, "checkpoint.pt"), checkpoint_state())
-                if world > 1:
-                    dist.barrier()
-            if args.crash_at_step is not None and step == args.crash_at_step:
-                marker = os.path.join(args.output, f".crashed-{rank}")
-                if rank == world - 1 and not os.path.exists(marker):
-                    open(marker, "w").close()
-                    os._exit(13)  # simulate a worker killed mid-run (fault-tolerance test)
-            if step >= total:
-                break
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                progress.set_postfix(loss=record.get("total"), sps=record["samples_per_s"],
+                                     lr=f"{lr:.2e}")
+                if not sys.stdout.isatty():  # SLURM, nohup: tqdm is silent, print a line
+                    seconds = time.perf_counter() - t_start
+                    eta = seconds / (step - first_step) * (total - step)
+                    print(log_line(record, total, eta), flush=True)
+        if is_main:
+            progress.update(1)
+        if args.eval_every and step % args.eval_every == 0 and step < total:
+            evaluate(model.clip, tokenizer, args, device, rank, world, step, log, zeroshot)
+            train_mode(model)
+        if step % args.save_every == 0 or step == total:
+            if is_main:
+                save_checkpoint(os.path.join(args.output, "checkpoint.pt"), checkpoint_state())
+            if world > 1:
+                dist.barrier()
+        if args.crash_at_step is not None and step == args.crash_at_step:
+            marker = os.path.join(args.output, f".crashed-{rank}")
+            if rank == world - 1 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(13)  # simulate a worker killed mid-run (fault-tolerance test)
     train_seconds = time.perf_counter() - t_start
     if is_main:
         progress.close()

@@ -299,6 +299,30 @@ def test_attention_hook_is_proportional_attention():
     torch.testing.assert_close(attn(x, attn_bias=bias), copies, atol=1e-6, rtol=1e-5)
 
 
+def test_attention_plain_path_in_bf16_is_sdpa():
+    """On CPU in bf16, clip.attention computes with plain ops what F.scaled_dot_product_attention
+    computes (causal, or with an additive bias): outputs and gradients equal fp32 SDPA's
+    to bf16's rounding (8 significant bits: 2^-9 relative per input; atol 0.03 on values and
+    gradients of order 1); in fp32 it is SDPA itself."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, generator=g) for _ in range(3))
+    bias = torch.randn(3, 1, 1, 7, generator=g)
+    for causal, mask in ((True, None), (False, bias), (False, None)):
+        exact = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*exact, attn_mask=mask, is_causal=causal)
+        out.backward(torch.ones_like(out))
+        low = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        ours = clip.attention(*low, attn_mask=None if mask is None else mask.bfloat16(),
+                              is_causal=causal)
+        assert ours.dtype == torch.bfloat16
+        ours.float().backward(torch.ones_like(out))
+        torch.testing.assert_close(ours.float(), out, atol=3e-2, rtol=0)
+        for a, b in zip(low, exact):
+            torch.testing.assert_close(a.grad.float(), b.grad, atol=3e-2, rtol=0)
+        assert torch.equal(clip.attention(q, k, v, mask, causal),
+                           F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal))
+
+
 def test_resnet_init_and_train_step():
     model = clip.from_config(dict(
         embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,

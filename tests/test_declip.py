@@ -94,6 +94,34 @@ def test_every_term_equals_direct_computation():
     assert torch.allclose(model.queue.feats[40:46], zt, atol=1e-6)
 
 
+@pytest.mark.parametrize("tower", ["tiny", "tiny-rn"])
+def test_bf16_autocast_on_cpu_keeps_every_term_and_the_gradient(tower):
+    """train.py's default on CPUs with bf16 in hardware. bf16 keeps 8 significant bits: every
+    matmul input is rounded by up to 2^-9 (0.2%), so a logit e^t * cos (|.| <= 14.3 at init)
+    moves by up to ~0.03, and a loss term, a log-softmax average of logits, by as much: atol 0.03
+    (measured: at most 0.012 over 3 seeds and both towers). The gradient, a sum of many such
+    products, must still point the same way: cosine to the fp32 gradient > 0.98 (measured
+    >= 0.993; BatchNorm makes the ResNet's the least exact)."""
+    torch.manual_seed(0)
+    clip = create_model(tower, vocab_size=VOCAB, eot_id=EOT, image_resolution=RES)
+    model = DeCLIP(clip, queue_size=64)
+    model.queue.push(F.normalize(torch.randn(40, 128), dim=-1))
+    img1, img2, ids, ids_aug, masked = _batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    terms, grads = {}, {}
+    for precision in ("fp32", "bf16"):
+        model.load_state_dict(state)  # the same BatchNorm statistics for both passes
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, terms[precision] = model(img1, img2, ids, ids_aug, masked=masked, push=False)
+        loss.backward()
+        grads[precision] = torch.cat([p.grad.double().flatten() for p in model.parameters()
+                                      if p.grad is not None])
+    for k, v in terms["fp32"].items():
+        assert abs(float(terms["bf16"][k]) - float(v)) <= 0.03, (k, terms["bf16"][k], v)
+    assert F.cosine_similarity(grads["bf16"], grads["fp32"], dim=0) > 0.98
+
+
 def test_all_switches_off_is_plain_clip_exactly():
     model = _build(mvs=False, ss=False, nns=False)
     img1, _, ids, _, _ = _batch()

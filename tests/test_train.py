@@ -51,8 +51,10 @@ def assert_identical(ckpt_a, ckpt_b):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    """Killed at step 3 (checkpoint at 2) and resumed == uninterrupted, bit for bit (CPU, fp32)."""
-    common = TINY + ["--steps", "5", "--save-every", "2"]
+    """Killed at step 3 (checkpoint at 2) and resumed == uninterrupted, bit for bit (CPU). 24
+    pairs make 3 steps an epoch, so the run crosses an epoch boundary inside one data loader
+    whose worker lives for the whole run."""
+    common = TINY + ["--steps", "5", "--save-every", "2", "--train-size", "24", "--workers", "1"]
     run_script(common + ["--output", str(tmp_path / "a")])
     crashed = run_script(common + ["--output", str(tmp_path / "b"), "--crash-at-step", "3"],
                          check=False)
@@ -171,13 +173,20 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_sampler_resumes_mid_epoch_and_splits_ranks():
-    full = list(train.EpochSampler(50, 4, rank=0, world=2, seed=1))
-    other = list(train.EpochSampler(50, 4, rank=1, world=2, seed=1))
-    assert len(full) == len(other) == 6 * 4 and not set(full) & set(other)
-    late = train.EpochSampler(50, 4, rank=0, world=2, seed=1)
-    late.set_epoch(0, start_batch=2)
-    assert list(late) == full[8:]
+def test_sampler_spans_epochs_resumes_anywhere_and_splits_ranks():
+    """50 samples, batch 4, 2 ranks: 6 steps an epoch. One iterator covers the whole run, each
+    index tagged with its epoch, and one started at step k yields exactly the rest of it."""
+    full = list(train.StepSampler(50, 4, rank=0, world=2, seed=1, total_steps=12))
+    other = list(train.StepSampler(50, 4, rank=1, world=2, seed=1, total_steps=12))
+    assert len(full) == len(other) == 12 * 4
+    assert [e for e, _ in full] == [0] * 24 + [1] * 24
+    epoch0, epoch1 = [i for e, i in full if e == 0], [i for e, i in full if e == 1]
+    assert len(set(epoch0)) == 24 and not set(epoch0) & {i for e, i in other if e == 0}
+    assert epoch0 != epoch1  # a new permutation each epoch
+    for start in (2, 6, 7):  # mid-epoch, at the boundary, just after it
+        late = train.StepSampler(50, 4, rank=0, world=2, seed=1, total_steps=12,
+                                 start_step=start)
+        assert list(late) == full[start * 4:] and len(late) == len(full) - start * 4
 
 
 def test_train_size_and_data_seed_pick_the_builtin_pairs(tmp_path):
@@ -248,13 +257,13 @@ def test_declip_flags_reach_the_model_and_the_views(tmp_path, monkeypatch):
     assert seen["mlm_pass"] == "bidirectional" and seen["queue_size"] == 64
     args = train.get_args(["--crop-scale", "0.5", "--aug-gray", "0", "--aug-hue", "0.05"])
     args.context_length = 32
-    dataset, _, _ = train.build_loader(args, train.build_base(args), None, 64, 0, 1)
+    dataset, _, _ = train.build_loader(args, train.build_base(args), None, 64, 0, 1, 1)
     view = dataset.transform
     assert isinstance(view, views.DeclipView) and view.scale == (0.5, 1.0)
     assert view.p_gray == 0 and view.jitter[3] == 0.05
     args = train.get_args(["--method", "clip"])  # CLIP's own mild view unless asked
     args.context_length = 32
-    assert not isinstance(train.build_loader(args, train.build_base(args), None, 64, 0, 1)[0]
+    assert not isinstance(train.build_loader(args, train.build_base(args), None, 64, 0, 1, 1)[0]
                           .transform, views.DeclipView)
 
 
@@ -304,3 +313,36 @@ def test_compile_flag_compiles_the_training_model(tmp_path, monkeypatch):
     train.main(TINY + ["--steps", "1", "--image-size", "32", "--output", str(tmp_path / "b"),
                        "--compile"])
     assert len(compiled) == 1 and hasattr(compiled[0], "push_queue")  # the DeCLIP module
+
+
+def test_precision_follows_the_cpu_and_the_flag(tmp_path, monkeypatch):
+    """bf16 by default only where the CPU multiplies bf16 in hardware; --precision overrides."""
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"),
+                                       (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert train.default_precision(cpu) == expected
+    # the step runs under the autocast the precision asks for (the CPU above has AMX)
+    seen = []
+    autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda device, dtype, enabled: seen.append(
+        (dtype, enabled)) or autocast(device, dtype=dtype, enabled=enabled))
+    args = TINY + ["--method", "clip", "--steps", "1", "--image-size", "32"]
+    train.main(args + ["--output", str(tmp_path / "a")])
+    assert seen[-1] == (torch.bfloat16, True)
+    train.main(args + ["--precision", "fp32", "--output", str(tmp_path / "b")])
+    assert seen[-1][1] is False
+
+
+def test_channels_last_by_default_for_resnet_towers_and_by_flag(tmp_path):
+    """NHWC weights for the conv tower unless --no-channels-last; ViTs stay as they are."""
+    def conv1(out):
+        return weights(out)["model"]["clip.visual.conv1.weight"]
+    train.main(TINY + ["--steps", "1", "--image-size", "32", "--output", str(tmp_path / "a")])
+    assert conv1(tmp_path / "a").is_contiguous(memory_format=torch.channels_last)
+    assert not conv1(tmp_path / "a").is_contiguous()
+    train.main(TINY + ["--steps", "1", "--image-size", "32", "--no-channels-last",
+                       "--output", str(tmp_path / "b")])
+    assert conv1(tmp_path / "b").is_contiguous()
+    assert train.get_args(["--model", "tiny"]).channels_last is None  # decided in main
