@@ -58,7 +58,9 @@ import textwrap
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from charts import font
 
 
 # ------------------------------------------------------------------------------------ Grad-CAM
@@ -221,13 +223,6 @@ def overlay(image, cam, size, weight=0.5):
     return Image.blend(base, heat, weight)
 
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def draw_grid(images, captions, maps, names, path, per_row=4, tile=128, title=""):
     """A Fig. 8-like grid: per image, the image and one overlay per model, its caption below.
 
@@ -242,9 +237,9 @@ def draw_grid(images, captions, maps, names, path, per_row=4, tile=128, title=""
     H = head + rows * (tile + text_h + 20) + pad
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 6), title, fill=(20, 20, 20), font=_font(15))
+    draw.text((pad, 6), title, fill=(20, 20, 20), font=font(15))
     draw.text((pad, 24), "columns: image | " + " | ".join(names), fill=(90, 90, 90),
-              font=_font(12))
+              font=font(12))
     for k, (image, caption) in enumerate(zip(images, captions)):
         x = pad + (k % per_row) * group_w
         y = head + (k // per_row) * (tile + text_h + 20)
@@ -253,7 +248,7 @@ def draw_grid(images, captions, maps, names, path, per_row=4, tile=128, title=""
             canvas.paste(overlay(image, cams[k], tile), (x + tile * (m + 1), y))
         lines = textwrap.wrap(caption, width=max(10, group_w // 7))[:3]
         for j, line in enumerate(lines):
-            draw.text((x, y + tile + 4 + 15 * j), line, fill=(20, 20, 20), font=_font(12))
+            draw.text((x, y + tile + 4 + 15 * j), line, fill=(20, 20, 20), font=font(12))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
 

@@ -49,7 +49,9 @@ import sys
 import textwrap
 import time
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from charts import font, nice_max
 
 RN, VIT = ["--model", "tiny-rn"], ["--model", "tiny"]
 # name -> (label, train.py flags). CLIP and DeCLIP serve Table 4 and the curve.
@@ -371,24 +373,9 @@ def markdown(report):
     return "\n".join(lines)
 
 
-def font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 BAR, BAR_SHAPE = (70, 110, 190), (225, 140, 50)
 INK, GRID, DOT = (30, 30, 30), (220, 220, 220), (20, 20, 20)
 LINES = {"clip": (70, 110, 190), "declip": (200, 60, 50)}
-
-
-def _nice_max(x):
-    """A round axis maximum >= x (1, 2, 2.5, 5 x 10^k)."""
-    if x <= 0:
-        return 1.0
-    k = 10 ** math.floor(math.log10(x))
-    return next(m * k for m in (1, 2, 2.5, 5, 10) if m * k >= x)
 
 
 def _half_width(s):
@@ -406,7 +393,7 @@ def _bar_panel(draw, box, title, items, key, scale, colour, fmt):
     f, fs = font(14), font(12)
     draw.text((x0, y0), title, fill=INK, font=f)
     top, bottom, left = y0 + 28, y1 - 36, x0 + 44
-    vmax = min(scale, _nice_max(max(max(it[key]["max"], _interval(it[key])[1])
+    vmax = min(scale, nice_max(max(max(it[key]["max"], _interval(it[key])[1])
                                     for it in items) * scale * 1.05))
     for k in range(6):  # horizontal grid and tick labels
         v = vmax * k / 5
@@ -478,7 +465,7 @@ def draw_curve(configs, ids, path, note=""):
               fill=INK, font=font(16))
     sizes = sorted({configs[i]["size"] for i in ids}, key=lambda s: math.inf if s is None else s)
     xs = {s: left + (W - left - right) * (k + 0.5) / len(sizes) for k, s in enumerate(sizes)}
-    vmax = min(100, _nice_max(max(configs[i]["top1"]["max"] for i in ids) * 100 * 1.05))
+    vmax = min(100, nice_max(max(configs[i]["top1"]["max"] for i in ids) * 100 * 1.05))
     to_y = lambda v: H - bottom - (H - bottom - top) * max(0.0, v) * 100 / vmax  # noqa: E731
     for k in range(6):
         y = H - bottom - (H - bottom - top) * k / 5
