@@ -260,7 +260,7 @@ def run_one(args, run_id, seed, tome_r):
     name, size = split_id(run_id)
     out = os.path.join(args.out, "runs", f"{run_id}-s{seed}")
     flags = [f.format(tome_r=tome_r) for f in CONFIGS[name][1]]
-    flags += [] if size is None else ["--train-size", str(size)]
+    flags += ["--train-size", "0" if size is None else str(size)]  # 0: unlimited
     budget = ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
               "--warmup", str(args.warmup), "--seed", str(seed)]
     # a folder trained with other settings must not be silently continued or re-used
@@ -276,7 +276,7 @@ def run_one(args, run_id, seed, tome_r):
         json.dump(stamp, f)
     argv = flags + budget + ["--output", out, "--resume", "auto", "--eval-size",
                              str(args.eval_size), "--workers", str(args.workers),
-                             "--log-every", str(log_every(args)),
+                             "--log-every", str(log_every(args)), "--eval-every", "0",
                              "--save-every", str(args.steps)]
     print(f"\n=== {run_id} seed {seed}: train.py {' '.join(argv)}", flush=True)
     t0 = time.time()

@@ -47,9 +47,17 @@ from pretrained import (create_model, load_tokenizer, lock_tower, param_groups, 
 from tokenizer import Tokenizer
 import views
 
-DEMO_STEPS = 300  # DeCLIP on 2 CPU cores: about 5 minutes with the evaluation
+DEMO_STEPS = 300  # runs on other data without --steps, --epochs or a preset
+# measured at the defaults on seed 0 (README, Quickstart): printed after the demo for contrast
+DEMO_DECLIP_TOP1, DEMO_CLIP_TOP1 = "?", "?"
 # Settings of the papers, one flag each. Flags given on the command line override them.
 PRESETS = {
+    # `python train.py`: the built-in data in the regime where DeCLIP's claim shows (README):
+    # data-limited (2,000 unique pairs) at a batch where the paper's views learn form (256);
+    # 150 epochs of 7 steps, about 12 minutes on 2 CPU cores (the slower seeds need that many
+    # to pass 85%). `--method clip` is the contrast.
+    "demo": dict(data="builtin", method="declip", train_size=2000, batch_size=256, epochs=150,
+                 warmup=50, eval_every=150),
     # DeCLIP's CC3M ablation (Table 4): RN50, global batch 1024 (128 x 8 GPUs), 32 epochs; the
     # optimiser of the official code (SPEC 3b): AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up.
     "declip-cc3m": dict(model="RN50", data="cc3m", method="declip", batch_size=128, epochs=32,
@@ -113,7 +121,7 @@ def get_args(argv=None):
                    help="builtin, a csv/tsv file, or a folder under --data-root")
     p.add_argument("--data-root", default="data")
     p.add_argument("--train-size", type=int, default=None,
-                   help="builtin: unique training pairs (data-limited runs; default 1,000,000)")
+                   help="builtin: unique training pairs (data-limited runs; 0: all 1,000,000)")
     p.add_argument("--data-seed", type=int, default=None,
                    help="builtin: which dataset is generated, train and eval (default: --seed)")
     p.add_argument("--csv-img-key", default="filepath")
@@ -174,9 +182,10 @@ def get_args(argv=None):
     p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests only
 
     args = p.parse_args(argv)
-    if args.preset is None and args.data == "cc3m":  # `train.py --data cc3m` is the paper's run
-        args.preset = "declip-cc3m"
-        argv = [*(sys.argv[1:] if argv is None else argv), "--preset", "declip-cc3m"]
+    if args.preset is None and args.data in ("builtin", "cc3m"):
+        # `train.py` is the demo, `train.py --data cc3m` the paper's run
+        args.preset = "demo" if args.data == "builtin" else "declip-cc3m"
+        argv = [*(sys.argv[1:] if argv is None else argv), "--preset", args.preset]
     if args.preset:  # preset values become defaults; flags given explicitly still win
         p.set_defaults(**PRESETS[args.preset])
         if "epochs" in PRESETS[args.preset]:
@@ -189,8 +198,9 @@ def get_args(argv=None):
         args.steps = DEMO_STEPS
     if args.data_seed is None:
         args.data_seed = args.seed
-    if args.train_size is not None and (args.data != "builtin" or args.train_size < 1):
-        p.error("--train-size N (N >= 1) applies to --data builtin only")
+    if args.train_size is not None and (args.data != "builtin" or args.train_size < 0):
+        p.error("--train-size N (N >= 1; 0: all) applies to --data builtin only")
+    args.train_size = args.train_size or None  # 0: the whole generated set
     for flag in ("batch_size", "save_every", "log_every", "workers", "max_bad_steps"):
         if getattr(args, flag) < (0 if flag == "workers" else 1):
             p.error(f"--{flag.replace('_', '-')} must be positive")
@@ -527,10 +537,13 @@ def main(argv=None):
         os.makedirs(args.output, exist_ok=True)
         log = open(os.path.join(args.output, "log.jsonl"), "a")
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.method} {args.model} ({n_params / 1e6:.1f}M params) on {args.data}, "
+        with open(os.path.join(args.output, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1, sort_keys=True)
+        pairs = f" ({len(base):,} pairs)" if args.data == "builtin" else ""
+        print(f"{args.method} {args.model} ({n_params / 1e6:.1f}M params) on {args.data}{pairs}, "
               f"{world} x {args.batch_size} per step, {total} steps, {device}, {args.precision}"
-              + (f", resumed at step {step}" if step else ""))
-        print("args: " + json.dumps(vars(args), sort_keys=True))
+              + (f", resumed at step {step}" if step else "")
+              + f"; every argument: {os.path.join(args.output, 'args.json')}")
 
     def checkpoint_state():
         return {"state_dict": model.clip.state_dict(), "model_config": model.clip.config,
@@ -640,9 +653,34 @@ def main(argv=None):
                  else f"{args.zeroshot} ({result['n']} images)")
         print(f"zero-shot {eval_zeroshot.format_result(result)}  on {where} after {step} steps "
               f"({result['samples_per_s']:.0f} samples/s, {train_seconds:.0f} s training)")
+        files = [("checkpoint", "checkpoint.pt"), ("log", "log.jsonl")]
+        if plot_accuracy(os.path.join(args.output, "log.jsonl"),
+                         os.path.join(args.output, "accuracy.png")):
+            files.append(("accuracy over the run", "accuracy.png"))
+        print(" | ".join(f"{what}: {os.path.join(args.output, name)}" for what, name in files))
+        if args.preset == "demo" and args.method == "declip":
+            print(f"for contrast, CLIP: the same command with --method clip (at the defaults, "
+                  f"seed 0: {DEMO_CLIP_TOP1} top-1, measured; DeCLIP {DEMO_DECLIP_TOP1})")
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def plot_accuracy(log_path, png_path):
+    """accuracy.png: zero-shot top-1 (and colour / shape on the built-in data) at every
+    evaluation in log.jsonl; False if fewer than two evaluations."""
+    from charts import line_chart
+    with open(log_path) as f:
+        evals = [r for r in map(json.loads, f) if r.get("zeroshot")]
+    if len(evals) < 2:
+        return False
+    keys = [("top-1", "top1"), ("colour", "colour"), ("shape", "shape")]
+    series = {name: [(r["step"], r["zeroshot"][k]) for r in evals if k in r["zeroshot"]]
+              for name, k in keys}
+    line_chart({k: v for k, v in series.items() if v}, png_path,
+               "Zero-shot accuracy during training", x_label="step", y_label="%", y_scale=100,
+               y_max=100)
+    return True
 
 
 def assert_replicas_agree(model):

@@ -2,6 +2,7 @@
 
 Runs are tiny (tiny model, batch 8, a handful of steps) so the file takes well under a minute.
 """
+import json
 import os
 import signal
 import subprocess
@@ -194,7 +195,8 @@ def test_train_size_and_data_seed_pick_the_builtin_pairs(tmp_path):
     base = train.build_base(args)
     assert len(base) == 100 and base.seed == 3
     assert train.get_args(["--seed", "5"]).data_seed == 5  # --seed reaches the data by default
-    assert len(train.build_base(train.get_args([]))) == 1_000_000
+    assert len(train.build_base(train.get_args([]))) == 2000  # the demo's data-limited set
+    assert len(train.build_base(train.get_args(["--train-size", "0"]))) == 1_000_000  # all
     # epochs over 32 unique pairs at batch 8: 4 steps an epoch
     result = train.main(TINY + ["--method", "clip", "--train-size", "32", "--epochs", "2",
                                 "--output", str(tmp_path)])
@@ -346,3 +348,34 @@ def test_channels_last_by_default_for_resnet_towers_and_by_flag(tmp_path):
                        "--output", str(tmp_path / "b")])
     assert conv1(tmp_path / "b").is_contiguous()
     assert train.get_args(["--model", "tiny"]).channels_last is None  # decided in main
+
+
+def test_demo_preset_is_the_default_on_builtin_data_and_flags_override_it():
+    for argv in ([], ["--method", "clip"]):  # the demo and its contrast: the same settings
+        args = train.get_args(argv)
+        assert args.preset == "demo" and args.output == os.path.join("runs", "demo")
+        assert (args.train_size, args.batch_size, args.epochs, args.warmup, args.eval_every) == \
+            (2000, 256, 150, 50, 150)
+    args = train.get_args(["--batch-size", "8", "--steps", "3", "--eval-every", "0"])
+    assert (args.batch_size, args.steps, args.eval_every) == (8, 3, 0)
+    assert train.get_args(["--data", "pairs.csv"]).preset is None  # other data: no preset
+    assert train.get_args(["--data", "pairs.csv"]).batch_size == 64
+
+
+def test_run_folder_holds_args_and_an_accuracy_chart(tmp_path, capsys):
+    """stdout gets one header line (every argument goes to args.json), and the final lines say
+    where the checkpoint, the log and the accuracy chart are."""
+    train.main(TINY + ["--method", "clip", "--steps", "4", "--eval-every", "2", "--image-size",
+                       "32", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "{" not in out.splitlines()[0] and str(tmp_path / "args.json") in out
+    with open(tmp_path / "args.json") as f:
+        assert json.load(f)["eval_every"] == 2
+    from PIL import Image
+    with Image.open(tmp_path / "accuracy.png") as img:
+        assert img.size == (760, 440)
+    assert f"accuracy over the run: {tmp_path / 'accuracy.png'}" in out
+    assert f"checkpoint: {tmp_path / 'checkpoint.pt'}" in out
+    # evaluated at steps 2 and 4 only: two points, so a chart
+    with open(tmp_path / "log.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if r.get("zeroshot")] == [2, 4]
