@@ -1,6 +1,7 @@
 """Benchmarks, measured side by side in one run so the ratios hold on whatever machine runs them.
 
-    python bench.py                      # everything below, CPU, a few minutes
+    python bench.py                      # everything below, CPU, about 20 minutes
+    python bench.py --only cpu --baseline 236ecf0   # the CPU table, against train.py at a commit
     python bench.py --only step,tokenizer,declip,mlm,methods --models tiny,ViT-B-32 --batch 8
     python bench.py --only views,index   # the data pipeline, one core
     python bench.py --gpu                # the GPU check (tools/gpu_check.py); skips without CUDA
@@ -23,6 +24,13 @@
              views.DeclipView's tensor path, the same draws), and whole samples as ImageText makes
              them. CPU seconds of this process with one torch thread, so other load on the
              machine slows every row alike.
+- attention: clip.attention against torch's fused SDPA kernel on CPU, fp32 and bf16, forward and
+             backward at the tiny models' shapes (why the bf16 step uses plain ops on CPU).
+- cpu:       the CPU table: FLOPs per sample of the demo's DeCLIP step (flop_counter), a matmul
+             peak in fp32 and bf16 measured in the same run, the model-only step in fp32 / bf16 x
+             contiguous / channels-last as GFLOP/s and % of that peak, the data pipeline alone,
+             and train.py end to end (subprocesses, interleaved) with fp32 + contiguous and with
+             its defaults; `--baseline REV` adds train.py as it was at git revision REV.
 - index:     the shard index (data.ShardDataset) on tiny samples in pax tars as img2dataset
              writes them: building, opening, private and shared memory, extrapolated to 88M
              pairs (DeCLIP's largest set).

@@ -22,9 +22,11 @@ Usage:
     loader = DataLoader(ds, batch_size=128, num_workers=2,
                         collate_fn=functools.partial(collate, tokenizer=tok, context_length=32))
     for epoch in ...: ds.set_epoch(epoch); ...   # batch: image, image_aug, ids, ids_aug, n_skipped
+    ds[(epoch, i)]   # or the epoch with the index (train.StepSampler): one loader for a whole run
 
 Left out: streaming (IterableDataset) webdataset pipelines, remote (s3/http) shards, compressed
-tars, and DataLoader's persistent_workers (a persistent worker keeps the epoch it started with).
+tars, and DataLoader's persistent_workers (a persistent worker keeps the epoch it started with;
+train.py instead hands the epoch to the workers with each index).
 """
 import csv
 import hashlib

@@ -446,6 +446,9 @@ def test_image_text_views_are_a_function_of_seed_epoch_index(text_aug):
     assert not torch.equal(x["image"], x["image_aug"])
     b.set_epoch(1)
     assert not torch.equal(b[7]["image"], x["image"])
+    # the epoch can come with the index instead (train.StepSampler): the same sample
+    assert torch.equal(a[(1, 7)]["image"], b[7]["image"]) and a[(1, 7)]["text"] == b[7]["text"]
+    assert torch.equal(a[(0, 7)]["image_aug"], x["image_aug"])
     assert not torch.equal(make(1)[7]["image"], x["image"])
     single = data.ImageText(base, views.clip_image_transform(64))[3]
     assert set(single) == {"image", "text", "n_skipped"}
