@@ -68,23 +68,16 @@ per-GPU queues and NN(text_aug) term, any other self-supervision (MoCo, SimCSE).
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import (SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT, all_gather_with_grad,
-                    clip_loss, mlm_loss, siglip_loss, simsiam_loss)
+                    clip_loss, mlm_loss, rank_and_world, siglip_loss, simsiam_loss)
 from nn_queue import NNQueue
 
 # How MLM gets its token features: from the contrastive pass over the masked caption (shared,
 # the official code), or from a pass of its own, causal or bidirectional (BERT's MLM).
 MLM_PASSES = ("shared", "separate", "bidirectional")
-
-
-def _rank_and_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def mask_tokens(ids, mask_id, vocab_size, special_ids, p=0.15, generator=None):
@@ -131,7 +124,7 @@ class GlobalBatchNorm1d(nn.Module):
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
     def forward(self, x):                                                  # (B, C)
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         batch = x.shape[0]
         if self.training:
             self.num_batches_tracked.add_(1)
@@ -162,7 +155,7 @@ def _infonce_i2t(z_imgs, z_txt, logit_scale):
     z_imgs: list of (B, D) image views, all paired with z_txt (B, D): one matmul for all views,
     and the mean over their rows is the mean of the per-view losses.
     """
-    rank, _ = _rank_and_world()
+    rank, _ = rank_and_world()
     batch = z_txt.shape[0]
     z_txt_all = all_gather_with_grad(z_txt)                                # (N, D)
     logits = logit_scale * torch.cat(z_imgs) @ z_txt_all.T                 # (views * B, N)

@@ -48,7 +48,7 @@ SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
 SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
-def _rank_and_world():
+def rank_and_world():
     """(rank, world_size) of the default process group, (0, 1) when not distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -73,7 +73,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         ctx.rank, ctx.batch = rank, x.shape[0]
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))  # (N, ...)
         # newer torch renamed all_gather_into_tensor (now a deprecated alias) to all_gather_single
@@ -95,7 +95,7 @@ def all_gather_with_grad(x):
     This rank's rows of the result are `x` itself (numerically), and gradients flow back to it from
     every rank's loss. Identity (returns `x`) when not distributed or with a single process.
     """
-    _, world = _rank_and_world()
+    _, world = rank_and_world()
     if world == 1:
         return x
     return _AllGatherWithGrad.apply(x)
@@ -113,7 +113,7 @@ def clip_loss(z_img, z_txt, logit_scale):
     column `rank * B + i`. Both (B, N) blocks are needed: together the ranks' blocks tile the full
     (N, N) matrix once by rows (image->text) and once by columns (text->image).
     """
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     batch = z_img.shape[0]
     z_txt_all = all_gather_with_grad(z_txt)  # (N, D)
     logits_per_image = logit_scale * z_img @ z_txt_all.T  # (B, N)
@@ -140,7 +140,7 @@ def siglip_loss(z_img, z_txt, logit_scale, logit_bias):
     (i, j) of the global N x N matrix is counted once, on the rank that owns image i, so
     mean_k(loss_k) is the single-process loss on the global batch.
     """
-    rank, _ = _rank_and_world()
+    rank, _ = rank_and_world()
     batch = z_img.shape[0]
     z_txt_all = all_gather_with_grad(z_txt)  # (N, D)
     logits = logit_scale * z_img @ z_txt_all.T + logit_bias  # (B, N)
@@ -180,7 +180,7 @@ def mlm_loss(logits, labels):
     # A sum over no labelled position is 0 with a graph; reduction="mean" would give 0/0 = nan.
     loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
     count = (labels != -100).sum().float()
-    _, world = _rank_and_world()
+    _, world = rank_and_world()
     if world > 1:
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
     return loss_sum / (count.clamp(min=1.0) / world)

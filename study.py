@@ -3,6 +3,7 @@
     python study.py                       # the full study: 3 seeds, 2 CPU cores, < 60 minutes
     python study.py --quick               # a 1-minute smoke version, written to results/quick/
     python study.py --seeds 5 --configs clip,declip --sizes 500,all
+    python study.py --regimes results/b64,results/b256   # the regime map of two finished studies
 
 (a) DeCLIP Table 4 (Li et al., ICLR 2022, Sec. 4.4; CC3M, RN50, ImageNet zero-shot top-1): the extra
     supervisions added cumulatively, CLIP 20.6 -> +MVS 24.8 -> +SS 25.4 -> +NNS (= DeCLIP) 27.2.
@@ -31,6 +32,10 @@ Statistics: mean and 95% confidence interval over seeds (Student's t with n - 1 
 freedom: with 3 seeds the half-width is 2.48 standard deviations); a claim is checked on the
 per-seed (paired) differences: "holds" when their interval lies on the paper's side of 0,
 "reversed" when it lies on the other side, "inside the noise" when it contains 0.
+
+The regime map (`--regimes`) trains nothing: it reads studies that ran CLIP, CLIP on DeCLIP's
+views and DeCLIP at one data size in different regimes (batch 64 and 256 at the same number of
+samples), and tabulates each regime's top-1 and paired differences with their verdicts.
 
 Outputs in <out>: study.md (tables, verdicts), study.json (every run and the aggregates),
 study.png (top-1 with intervals, per group), curve.png (the data-efficiency curve) and
@@ -136,6 +141,9 @@ def get_args(argv=None):
     p.add_argument("--eval-size", type=int, default=None,
                    help="built-in eval images (default 420 = 10 per class; 42 with --quick)")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes per run")
+    p.add_argument("--regimes", default=None,
+                   help="DIR,DIR,...: no training; the regime map of finished studies (one per "
+                        "batch size, each with clip, clip_dview and declip) into <out>/regimes.md")
     p.add_argument("--nn-captions", type=int, default=None,
                    help="captions in the NN queue of nn_pairs.png (default 4096; 64 --quick)")
     args = p.parse_args(argv)
@@ -580,6 +588,57 @@ def nn_pairs(checkpoint, path, n_captions=4096, n_queries=512, n_show=8, batch=5
                          for q, j, s in list(zip(queries, nn_idx, cos))[:n_show]]}
 
 
+# ----------------------------------------------------------------------------- regime map
+
+REGIME_CLAIMS = [("declip", "clip", "DeCLIP - CLIP"),
+                 ("clip_dview", "clip", "CLIP on DeCLIP's views - CLIP"),
+                 ("declip", "clip_dview", "DeCLIP - CLIP on DeCLIP's views")]
+
+
+def regime_map(folders, out):
+    """Where DeCLIP's claim holds: one row per finished study (e.g. batch 64 and batch 256 at the
+    same number of samples), top-1 of CLIP, CLIP on DeCLIP's views and DeCLIP, and the paired
+    differences with their verdicts. Writes <out>/regimes.md; returns its rows."""
+    rows = []
+    for folder in folders:
+        with open(os.path.join(folder, "study.json")) as f:
+            report = json.load(f)
+        st, configs = report["settings"], report["configs"]
+        size = st["table4_size"]
+        row = {"folder": folder, "batch": st["batch_size"], "steps": st["steps"],
+               "samples": st["batch_size"] * st["steps"], "pairs": size,
+               "seeds": st["seeds"], "top1": {}, "claims": {}}
+        for name in ("clip", "clip_dview", "declip"):
+            if f"{name}-{size}" in configs:
+                row["top1"][name] = configs[f"{name}-{size}"]["top1"]
+        for a, b, label in REGIME_CLAIMS:
+            claim = check_claim(configs, "top1", f"{a}-{size}", f"{b}-{size}", +1, label) \
+                if f"{a}-{size}" in configs and f"{b}-{size}" in configs else None
+            if claim:
+                row["claims"][label] = claim
+        rows.append(row)
+    lines = ["| batch x steps (samples), unique pairs | " + " | ".join(
+        CONFIGS[n][0] for n in ("clip", "clip_dview", "declip")) + " | " + " | ".join(
+        label for _, _, label in REGIME_CLAIMS) + " |", "|---" * 7 + "|"]
+    for r in rows:
+        cells = [pct(r["top1"][n]) if n in r["top1"] else "" for n in ("clip", "clip_dview",
+                                                                       "declip")]
+        for _, _, label in REGIME_CLAIMS:
+            c = r["claims"].get(label)
+            cells.append(f"{100 * c['diff']['mean']:+.1f} ± {100 * c['diff']['ci95']:.1f}: "
+                         f"{c['verdict']}" if c else "")
+        lines.append(f"| {r['batch']} x {r['steps']:,} ({r['samples']:,}), {r['pairs']:,} | "
+                     + " | ".join(cells) + " |")
+    text = ("Zero-shot top-1 % (mean ± 95% interval over seeds), and paired differences in "
+            "points with the verdict of their interval (`python study.py --regimes "
+            f"{','.join(folders)}`):\n\n" + "\n".join(lines) + "\n")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "regimes.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 def lock(out):
@@ -606,6 +665,8 @@ def lock(out):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.regimes:
+        return regime_map(args.regimes.split(","), args.out)
     t0, load_start = time.time(), os.getloadavg()[0]
     os.makedirs(args.out, exist_ok=True)
     lock_path = lock(args.out)

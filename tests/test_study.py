@@ -152,3 +152,23 @@ def test_lock_refuses_a_second_study_and_clears_a_dead_ones(tmp_path):
     assert study.lock(str(tmp_path)) == path
     with open(path) as f:
         assert int(f.read()) == os.getpid()
+
+
+def test_regime_map_reads_finished_studies_and_gives_each_regime_its_verdict(tmp_path):
+    """Two fake studies at 2,000 pairs: at batch 64 DeCLIP is behind CLIP on every seed
+    (reversed), at batch 256 ahead (holds); the map has one row each, with those verdicts."""
+    def write(folder, batch, steps, clip, dview, declip):
+        configs = _configs({"clip-2000": clip, "clip_dview-2000": dview, "declip-2000": declip})
+        folder.mkdir()
+        settings = {"batch_size": batch, "steps": steps, "table4_size": 2000, "seeds": [0, 1, 2]}
+        (folder / "study.json").write_text(json.dumps({"settings": settings, "configs": configs}))
+    write(tmp_path / "b64", 64, 2000, [0.90, 0.92, 0.91], [0.20, 0.22, 0.18], [0.27, 0.30, 0.25])
+    write(tmp_path / "b256", 256, 500, [0.55, 0.50, 0.54], [0.84, 0.58, 0.78], [0.91, 0.68, 0.92])
+    rows = study.main(["--regimes", f"{tmp_path / 'b64'},{tmp_path / 'b256'}",
+                       "--out", str(tmp_path)])
+    assert [(r["batch"], r["samples"]) for r in rows] == [(64, 128000), (256, 128000)]
+    low, high = (r["claims"]["DeCLIP - CLIP"] for r in rows)
+    assert low["verdict"].startswith("reversed") and low["diff"]["mean"] == pytest.approx((-0.63 - 0.62 - 0.66) / 3)
+    assert high["verdict"].startswith("holds") and high["diff"]["mean"] == pytest.approx((0.36 + 0.18 + 0.38) / 3)
+    text = (tmp_path / "regimes.md").read_text()
+    assert "| 64 x 2,000 (128,000), 2,000 |" in text and "reversed (0/3 seeds agree)" in text
