@@ -61,7 +61,7 @@ START_ENV = dict(os.environ)
 
 from clip import build_model, create_model
 from declip import DeCLIP
-from train import default_precision
+import train
 from losses import clip_loss
 
 
@@ -364,7 +364,6 @@ def step_flops(step):
 def data_samples_per_s(batch, steps=3):
     """Samples/s of train.py's data pipeline in this process (builtin DeCLIP data: render, two
     views, EDA, tokenise, collate), as one DataLoader worker runs it: one thread."""
-    import train
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     args = train.get_args(["--batch-size", str(batch), "--train-size", "2000", "--workers", "0"])
@@ -465,7 +464,7 @@ def bench_cpu(batch, steps, rounds, baseline=None):
         runs[f"train.py at {baseline}"] = (baseline_checkout(baseline), common, "fp32")
     runs["train.py --precision fp32 --no-channels-last"] = (
         root, common + ["--precision", "fp32", "--no-channels-last"], "fp32")
-    runs["train.py (defaults)"] = (root, common, default_precision(torch.device("cpu")))
+    runs["train.py (defaults)"] = (root, common, train.default_precision(torch.device("cpu")))
     speeds = {k: [] for k in runs}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(rounds):  # interleaved: load on the machine hits every run alike
