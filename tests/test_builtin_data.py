@@ -155,3 +155,17 @@ def test_any_image_size_and_speed():
     ms = (time.perf_counter() - t) / n * 1e3
     print(f"SyntheticCaptions: {ms:.3f} ms per 64 px image + caption")
     assert ms < 5  # ~0.3 ms on one core; loose so a busy machine does not fail the test
+
+
+def test_cached_pairs_equal_fresh_ones_and_are_copies():
+    """A small set is rendered once per process: the second access gives the same pixels and
+    caption as a fresh dataset's first, and drawing on a returned image leaves the cache alone."""
+    ds = SyntheticCaptions("train", size=50, seed=3)
+    assert ds._cache is not None and SyntheticCaptions("train")._cache is None  # 1M: too big
+    first = [ds[i] for i in (7, 8)]
+    again, fresh = ds[7], SyntheticCaptions("train", size=50, seed=3)[7]
+    assert again[1] == fresh[1] == first[0][1]
+    assert np.array_equal(np.asarray(again[0]), np.asarray(fresh[0]))
+    again[0].paste((0, 0, 0), (0, 0, 64, 64))
+    assert np.array_equal(np.asarray(ds[7][0]), np.asarray(fresh[0]))
+    assert not np.array_equal(np.asarray(ds[8][0]), np.asarray(fresh[0]))
