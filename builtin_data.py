@@ -32,6 +32,7 @@ gives the same pair on every rank and every run; train and eval never share an i
     ds = SyntheticCaptions("train", size=2000, seed=0)     # size: unique pairs (data-limited runs)
     image, caption = ds[3]                               # PIL 64 x 64, str
     ds.label(3), ds.classnames[ds.label(3)]              # 17, "green triangles"
+    label_visible(ds, 3, views.DeclipView(64))           # (colour shown, shape shown) in a view
 
 Left out: photographs, text in images, more than one labelled object.
 """
@@ -42,6 +43,10 @@ import random
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from views import OPENAI_MEAN, OPENAI_STD
 
 # Colour -> (hue in degrees, or None for achromatic; words a caption may use).
 COLOURS = {
@@ -102,7 +107,8 @@ PREFIXES = ("photo of", "stock image:", "illustration of", "close-up of", "an im
 SUFFIXES = ("free download", "vector illustration", "stock photo", "royalty free", "hd wallpaper",
             "- stock vector", "| clipart", "high resolution", "for sale", "on white paper")
 COUNTS = ("three", "four", "five")
-CACHE_BYTES = 64 * 2 ** 20  # sets whose pixels fit are rendered once per process (2,000 at 64 px: 25 MB)
+# a set whose pixels fit is rendered once per process (2,000 pairs at 64 px: 25 MB)
+CACHE_BYTES = 64 * 2 ** 20
 # How often a caption uses the class name's own words ("red", "circle") rather than a synonym
 # drawn from all of them. Synonyms are what the text tower learns slowest: CLIP's shape accuracy
 # after 300 steps is ~20% when every word is drawn from its synonyms, 29% with the class's own
@@ -133,6 +139,7 @@ def colour_rgb(colour, rng):
 
 
 def luma(rgb):
+    """The brightness (ITU-R 601 luma) of one 0-255 RGB colour, as a viewer sees it."""
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
@@ -319,3 +326,32 @@ def _draw(draw, shape, fill, x, y, r, angle):
         cos, sin = math.cos(angle), math.sin(angle)
         draw.polygon([(x + r * (u * cos - v * sin), y + r * (u * sin + v * cos))
                       for u, v in outline], fill=fill)
+
+
+# ----------------------------------------------------------------------------- labels in views
+
+def label_visible(ds, i, view, params=None):
+    """Does a view of built-in item i still show its label? -> (colour shown, shape shown).
+
+    Shape: at least half of one copy of the main object lies inside the crop. Colour: the median
+    pixel of the main object in the view is named its colour (nearest_colour: the nearest of the
+    5 hues, or white/black if unsaturated); a grayscale view keeps only white and black.
+    `params` (from view.sample) default to a fresh draw from torch's RNG.
+    """
+    image = ds[i][0]
+    params = view.sample(image) if params is None else params
+    mask = ds.mask(i)                                                      # (S, S) copy ids
+    top, left, h, w = params["crop"]
+    inside = np.bincount(mask[top:top + h, left:left + w].ravel(), minlength=mask.max() + 1)
+    shape_shown = bool((inside[1:] >= 0.5 * np.bincount(mask.ravel())[1:]).any())
+    pixels = view.apply(image, params)                                     # (3, S', S')
+    std, mean = torch.tensor(OPENAI_STD)[:, None, None], torch.tensor(OPENAI_MEAN)[:, None, None]
+    pixels = pixels * std + mean
+    where = TF.resized_crop(Image.fromarray(mask.astype(np.uint8)), top, left, h, w,
+                            [view.size, view.size], T.InterpolationMode.NEAREST)
+    where = torch.from_numpy(np.asarray(where) > 0)
+    where = where.flip(-1) if params["flip"] else where
+    if not where.any():
+        return False, shape_shown
+    rgb = (255 * pixels[:, where].clamp(0, 1)).median(dim=1).values.tolist()  # (3,)
+    return nearest_colour(rgb) == ds.scene(i)["colour"], shape_shown

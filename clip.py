@@ -1,21 +1,21 @@
 """CLIP: an image tower and a text tower trained to agree (Radford et al. 2021; DeCLIP Sec. 3.1).
 
-All of OpenAI's CLIP in one file: the ModifiedResNet (RN50/RN101) and ViT image towers, the
-GPT-2-style text tower, presets, and loaders for OpenAI, OpenCLIP and declip-mini checkpoints.
-Parameter names and shapes are OpenAI's, so released weights load unchanged (`build_model` reads
-sizes from shapes).
+OpenAI's CLIP architecture in one file: the ModifiedResNet (RN50/RN101) and ViT image towers,
+the GPT-2-style text tower, and the CLIP that joins two towers. Parameter names and shapes are
+OpenAI's, so released weights load unchanged. Presets, pre-trained towers and checkpoint loading
+are factory.py's (create_model, from_config, build_model, load_checkpoint).
 
     z_img = normalize(image_tower(x)),  z_txt = normalize(text_tower(t)),  sim = e^t z_img @ z_txt.T
 
 Shapes: B batch, H heads, L text tokens, N image patches (+1 class token), W width, D embedding.
 
 Usage:
-    model = create_model("ViT-B-32")                   # random init, OpenAI's architecture
-    model = load_checkpoint("ViT-B-32.pt")             # OpenAI JIT / state dict, OpenCLIP, or ours
-    z_img, z_txt, scale = model(images, ids)           # (B, D), (B, D), []
-    logits = scale * z_img @ z_txt.T                   # (B, B)
     model = CLIP(512, dict(image_resolution=224, vision_layers=12, vision_width=768,
                            vision_patch_size=32), my_text_tower)   # any tower module
+    model = build_clip(model.config)                   # the same architecture, freshly initialised
+    z_img, z_txt, scale = model(images, ids)           # (B, D), (B, D), []
+    logits = scale * z_img @ z_txt.T                   # (B, B)
+    model = factory.create_model("ViT-B-32")           # a preset (factory.py)
 
 How a CLIP is composed: `CLIP(embed_dim, vision, text)`, each tower either
 - a dict of OpenAI's settings (VISION_KEYS / TEXT_KEYS, the names of OpenAI's build_model; the
@@ -23,15 +23,15 @@ How a CLIP is composed: `CLIP(embed_dim, vision, text)`, each tower either
   (`visual.*`; the text tower flat on the CLIP: token_embedding, positional_embedding,
   transformer.*, ln_final), so released checkpoints load; or
 - an nn.Module built elsewhere that keeps this contract (pretrained.py builds the DINO, Hugging
-  Face ViT, torchvision ResNet, BERT and XLM-R towers from "kind:PATH" specs):
+  Face ViT, torchvision ResNet, BERT and XLM-R towers from the "kind:PATH" specs of
+  factory.create_model):
   image tower, stored as `visual`:
     forward(images (B, 3, R, R)) -> (B, D), already in the joint space (it owns its projection);
     `input_resolution` R; `output_dim` D (= embed_dim);
     `projection`: names, relative to the tower, of the parameters (or modules) that map into the
-      joint space; the rest is the tower's *body*, which LiT locking freezes and image_lr scales
-      (pretrained.py);
+      joint space; the rest is the tower's *body*, which LiT locking freezes and image_lr scales;
     `config`: a dict that rebuilds the architecture (not the weights). With a "kind" key it
-      names the tower's entry in pretrained.TOWERS; without one it holds OpenAI's settings and
+      names the tower's entry in factory.towers(); without one it holds OpenAI's settings and
       this file rebuilds it (DINO and HF ViT weights load into OpenAI's ViT this way).
   text tower, stored as `text`:
     forward(ids (B, L)) -> (B, L, W), the last hidden states; padding (its tokenizer's pad id)
@@ -43,8 +43,8 @@ How a CLIP is composed: `CLIP(embed_dim, vision, text)`, each tower either
       gives the sot / eot / pad / mask ids that DeCLIP's masking uses. The whole module is the
       body; `text_projection` (W, D) is the CLIP's and starts fresh.
 `config` is one flat dict: OpenAI's settings of OpenAI's towers, plus "image_tower" / "text_tower"
-holding a module tower's config. `from_config(config, build_tower)` rebuilds any CLIP from it
-(pretrained.from_config passes its builder), so adding a tower never touches this file.
+holding a module tower's config. `build_clip(config, build_tower)` rebuilds any CLIP from it
+(factory.from_config passes its tower builder), so adding a tower never touches this file.
 
 Where we differ from OpenAI's code:
 - The text feature sits at the first position where `ids == eot_id` (equality, never
@@ -58,8 +58,6 @@ Left out: OpenCLIP's extras (layer scale, attentional poolers, timm towers, SigL
 """
 import contextlib
 import math
-import os
-import zipfile
 from collections import OrderedDict
 
 import torch
@@ -68,7 +66,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-# ----------------------------------------------------------------------------- activation checkpointing
+# ----------------------------------------------------------------------------- checkpointing
 
 class _BatchNormOnce:
     """While checkpointing recomputes a forward in backward, BatchNorm normalises with the same
@@ -105,7 +103,7 @@ def checkpointed(module, *args, **kwargs):
 def attention(q, k, v, attn_mask=None, is_causal=False):
     """softmax(q k^T / sqrt(d) + mask) v over (B, H, L, d) heads: F.scaled_dot_product_attention,
     except on CPU in bf16, where its fused kernel's backward is ~6x slower than these three
-    plain ops at CLIP's short lengths (`python bench.py --only attention`)."""
+    plain ops at CLIP's short lengths (`python experiments/bench.py --only attention`)."""
     if not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                  # (B, H, L, S)
@@ -410,7 +408,7 @@ class CLIP(nn.Module):
 
     `vision` / `text`: a dict of OpenAI's settings (VISION_KEYS / TEXT_KEYS; OpenAI's tower is
     built here, OpenAI's names) or a module that keeps the tower contract (module docstring).
-    `config` is the flat dict that rebuilds the architecture (from_config). Read sizes from the
+    `config` is the flat dict that rebuilds the architecture (build_clip). Read sizes from the
     attributes embed_dim, context_length, vocab_size, text_width, and eot_id (OpenAI's text tower:
     the token whose first occurrence carries z_txt; None for a module text tower).
     """
@@ -568,178 +566,17 @@ def split_config(config):
     return config["embed_dim"], towers[0], towers[1]
 
 
-def from_config(config, build_tower=None):
+def build_clip(config, build_tower=None):
     """The CLIP that `config` (model.config, a checkpoint's "model_config") describes, freshly
     initialised. A tower config with a "kind" is built by `build_tower(tower_config) -> module`
-    (pretrained.build_tower); OpenAI's towers are built here."""
+    (factory.build_tower); OpenAI's towers are built here."""
     embed_dim, vision, text = split_config(config)
     towers = []
     for side, tower in (("image", vision), ("text", text)):
         if "kind" in tower:
             if build_tower is None:
                 raise ValueError(f"the {side} tower is {tower['kind']!r}, built outside clip.py: "
-                                 "use pretrained.from_config / pretrained.load_checkpoint")
+                                 "use factory.from_config / factory.load_checkpoint")
             tower = build_tower(tower)
         towers.append(tower)
     return CLIP(embed_dim, *towers)
-
-
-# vocab_size 49409 = OpenAI's 49408 + DeCLIP's mask token, so MLM inputs embed; OpenAI weights load
-# through build_model/load_checkpoint, which read the vocabulary size from the checkpoint.
-_TEXT_OPENAI = dict(context_length=77, vocab_size=49409, transformer_width=512,
-                    transformer_heads=8, transformer_layers=12)
-PRESETS = {
-    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
-                 vision_patch_size=None, act="quick_gelu", **_TEXT_OPENAI),
-    "RN101": dict(embed_dim=512, image_resolution=224, vision_layers=(3, 4, 23, 3), vision_width=64,
-                  vision_patch_size=None, act="quick_gelu", **_TEXT_OPENAI),
-    "ViT-B-32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                     vision_patch_size=32, act="quick_gelu", **_TEXT_OPENAI),
-    "ViT-B-16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                     vision_patch_size=16, act="quick_gelu", **_TEXT_OPENAI),
-    "ViT-S-16": dict(embed_dim=384, image_resolution=224, vision_layers=12, vision_width=384,
-                     vision_patch_size=16, context_length=77, vocab_size=49409,
-                     transformer_width=384, transformer_heads=6, transformer_layers=12, act="gelu"),
-    # The demo's model: a ModifiedResNet with one bottleneck per stage (DeCLIP's Table 4 is an
-    # RN50), 64 px, and the tiny text tower. CLIP on the built-in data: 39% top-1 after 300
-    # steps of 64, shape its only unsolved factor (README).
-    "tiny-rn": dict(embed_dim=128, image_resolution=64, vision_layers=(1, 1, 1, 1),
-                    vision_width=16, vision_patch_size=None, context_length=32, vocab_size=49409,
-                    transformer_width=128, transformer_heads=4, transformer_layers=3, act="gelu"),
-    # A tiny ViT for what needs patches (FLIP's patch dropout, ToMe's merging).
-    "tiny": dict(embed_dim=128, image_resolution=64, vision_layers=3, vision_width=128,
-                 vision_patch_size=8, vision_heads=4, context_length=32, vocab_size=49409,
-                 transformer_width=128, transformer_heads=4, transformer_layers=3, act="gelu"),
-}
-
-
-def create_model(name, **overrides):
-    """A randomly initialised preset; `overrides` replace any of its settings (VISION_KEYS,
-    TEXT_KEYS, embed_dim), e.g. create_model("tiny", vocab_size=100, tome_r=8)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-    return from_config({**PRESETS[name], **overrides})
-
-
-def _from_state_dict(config, state_dict, build_tower=None):
-    """from_config(config) holding state_dict's weights, in eval mode."""
-    with torch.device("meta"):  # skip initialising weights about to be overwritten (seconds)
-        model = from_config(config, build_tower)
-    model = model.to_empty(device=next(iter(state_dict.values())).device if state_dict else "cpu")
-    _load_state_dict(model, state_dict)
-    return model.eval()
-
-
-def _load_state_dict(model, state_dict):
-    """load_state_dict with one-line errors; accepts logit_scale shaped [1] (as DeCLIP's)."""
-    own = model.state_dict()
-    sd = {k: v for k, v in state_dict.items() if k in own}
-    for k, v in own.items():  # some exports omit BatchNorm's step counters; they are never used
-        if k.endswith("num_batches_tracked") and k not in sd:
-            sd[k] = torch.zeros_like(v)
-    if "logit_scale" in sd and sd["logit_scale"].numel() == 1:
-        sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-             for k in sd if sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        def summary(what, keys):
-            return f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        parts = [summary(w, ks) for w, ks in (("missing keys", missing),
-                 ("unexpected keys", unexpected), ("shape mismatches", wrong)) if ks]
-        raise ValueError("state dict does not match this CLIP architecture: " + "; ".join(parts))
-    model.load_state_dict(sd)  # copies (and casts fp16 weights) into the fp32 parameters
-
-
-def build_model(state_dict, **overrides):
-    """Infer the architecture from parameter shapes (as OpenAI's build_model) and load the weights.
-
-    Heads are not visible in shapes: OpenAI's rule (width / 64) is assumed; pass
-    `transformer_heads=` or `vision_heads=` otherwise. `act` defaults to "quick_gelu" (OpenAI). A
-    larger `vocab_size` appends freshly initialised embedding rows (49409 adds DeCLIP's mask token
-    to OpenAI's weights). Returns the model in eval mode.
-    """
-    sd = state_dict
-    try:
-        if "visual.proj" in sd:  # ViT
-            vision_width = sd["visual.conv1.weight"].shape[0]
-            vision_layers = len([k for k in sd if k.startswith("visual.")
-                                 and k.endswith(".attn.in_proj_weight")])
-            vision_patch_size = sd["visual.conv1.weight"].shape[-1]
-            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-            image_resolution = vision_patch_size * grid
-        else:  # ModifiedResNet: count the blocks of each stage
-            vision_layers = tuple(
-                len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")})
-                for b in (1, 2, 3, 4))
-            vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-            grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-            vision_patch_size, image_resolution = None, grid * 32
-        transformer_width = sd["ln_final.weight"].shape[0]
-        blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}
-        config = dict(
-            embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
-            vision_layers=vision_layers, vision_width=vision_width,
-            vision_patch_size=vision_patch_size,
-            context_length=sd["positional_embedding"].shape[0],
-            vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=transformer_width,
-            transformer_heads=transformer_width // 64, transformer_layers=len(blocks),
-            act="quick_gelu")
-    except KeyError as e:
-        raise ValueError(f"state dict is not a CLIP model: no {e.args[0]!r} among its {len(sd)} "
-                         f"keys (first: {', '.join(list(sd)[:3])})") from None
-    config.update(overrides)
-    emb = sd["token_embedding.weight"]
-    if config["vocab_size"] > len(emb):  # new rows get the token embedding's initialisation
-        new = 0.02 * torch.randn(config["vocab_size"] - len(emb), emb.shape[1], device=emb.device)
-        sd = {**sd, "token_embedding.weight": torch.cat([emb, new.to(emb.dtype)])}
-    return _from_state_dict(config, sd)
-
-
-def _is_torchscript(path):
-    """TorchScript archives are zips with code/ and constants.pkl; torch.save files lack both."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
-
-
-def load_checkpoint(path, map_location="cpu", build_tower=None, **overrides):
-    """Load a CLIP in eval mode from an OpenAI JIT archive or state dict, an OpenCLIP checkpoint
-    ({"state_dict"}, "module." prefixes), or a declip-mini one ({"state_dict", "model_config"}).
-
-    `overrides` replace settings (e.g. act="gelu" for OpenCLIP models trained so). Checkpoints
-    with module towers (BERT, XLM-R, torchvision) need `build_tower`: pretrained.load_checkpoint.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file (expected an OpenAI, OpenCLIP "
-                                "or declip-mini .pt file)")
-    try:
-        if _is_torchscript(path):  # OpenAI's released .pt files
-            obj = torch.jit.load(path, map_location=map_location).state_dict()
-        else:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch's messages run over many lines: say what happened in one
-        msg = f"not a PyTorch or TorchScript file, or truncated ({type(e).__name__})"
-        if "Unsupported global" in str(e):
-            msg = ("it holds pickled Python objects besides tensors; if you trust it, pass "
-                   "torch.load(path, weights_only=False)['state_dict'] to build_model")
-        raise ValueError(f"{path}: cannot read the checkpoint: {msg}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict or a dict with 'state_dict', "
-                         f"got {type(obj).__name__}")
-    config = obj.get("model_config")
-    sd = obj.get("state_dict", obj)
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}  # DDP prefix
-    if "clip.text_projection" in sd:  # a whole DeCLIP state dict: keep the CLIP part
-        sd = {k.removeprefix("clip."): v for k, v in sd.items() if k.startswith("clip.")}
-    for k in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT metadata
-        sd.pop(k, None)
-    try:
-        if config is None:
-            return build_model(sd, **overrides)
-        return _from_state_dict({**config, **overrides}, sd, build_tower)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None

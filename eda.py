@@ -19,9 +19,9 @@ Usage (data.py passes `augment` as `text_aug`, with a per-sample rng):
     import random, eda
     eda.augment("A dog runs on the beach.", random.Random(8))  # 'A domestic dog runs on the beach.'
 
-Synonyms come from WordNet 3.0, offline: assets/synonyms.txt.gz (400,316 bytes; 31,755
+Synonyms come from WordNet 3.0, offline: assets/synonyms.txt.gz (400,318 bytes; 31,755
 synsets, 48,857 single words that have a synonym, 3,287 morphology lines), licence in
-assets/LICENSE-wordnet.txt, rebuilt from WordNet's dictionary files by tools/build_synonyms.py.
+assets/LICENSE-wordnet.txt, rebuilt from WordNet's data files by experiments/build_synonyms.py.
 A word's synonyms are the other lemmas of its *most common sense* only: the sense WordNet's
 semantic concordance tagged most often for it, over all parts of speech (all tied senses); a
 word never tagged keeps each part of speech where it has a single sense ("rhombus" -> "rhomb")
@@ -108,7 +108,7 @@ _exceptions = None  # irregular form -> its base forms
 
 
 def load_synonyms(path=TABLE_PATH):
-    """Reads a table written by tools/build_synonyms.py; every later lookup uses it.
+    """Reads a table written by experiments/build_synonyms.py; every later lookup uses it.
 
     Returns the number of words that have synonyms. A synset line "keys | other lemmas" is
     found through its keys (the words whose most common sense it is) and gives all its lemmas.
@@ -119,7 +119,7 @@ def load_synonyms(path=TABLE_PATH):
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: eda.py needs assets/synonyms.txt.gz beside it (copy it, or "
-            "rebuild it with tools/build_synonyms.py --wordnet DIR)")
+            "rebuild it with experiments/build_synonyms.py --wordnet DIR)")
     index, exceptions = {}, {}
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:

@@ -23,6 +23,8 @@ Usage:
         --json results/zeroshot_cifar10.json
 
     from eval_zeroshot import evaluate_builtin
+    from factory import load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer("out/last.pt")  # any checkpoint format
     metrics = evaluate_builtin(model, tokenizer, n=1000)  # {"top1": 0.41, "top5": 0.83, "n": 1000}
 
 Deliberately left out: other zero-shot benchmarks (VTAB; retrieval is in retrieval.py), multi-GPU
@@ -255,45 +257,7 @@ def format_result(result):
     return text
 
 
-# ----------------------------------------------------------------------- checkpoints and datasets
-
-def saved_tokenizer(path):
-    """The tokenizer stored in one of our checkpoints: BPE merges, a pre-trained text tower's own
-    ("tokenizer": BERT's WordPiece, XLM-R's SentencePiece; older: "wordpiece"), or none of them
-    (OpenAI / OpenCLIP checkpoints, and ours trained with OpenAI's BPE) -> OpenAI's BPE.
-
-    mmap=True reads the small pickle without pulling the weights into memory (zip format only).
-    """
-    from tokenizer import Tokenizer  # lazy: sibling modules of this project
-
-    ckpt = {}
-    for mmap in (True, False):
-        try:
-            ckpt = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-            break
-        except Exception:  # not loadable this way; OpenAI's TorchScript archives fail both ways
-            continue
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
-    if ckpt.get("tokenizer"):
-        from pretrained import tokenizer_from_state
-        return tokenizer_from_state(ckpt["tokenizer"])
-    if ckpt.get("wordpiece"):
-        from bert import WordPieceTokenizer
-        return WordPieceTokenizer(ckpt["wordpiece"]["vocab"], ckpt["wordpiece"]["lower_case"])
-    merges = ckpt.get("merges")
-    return Tokenizer.openai() if merges is None else Tokenizer(merges)  # "a b" strings
-
-
-def load_model_and_tokenizer(path, device="cpu"):
-    """(CLIP in eval mode on `device`, the Tokenizer it was trained with) from a checkpoint file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint {path}: no such file (train one with train.py or "
-                                f"pass an OpenAI / OpenCLIP .pt file)")
-    import pretrained  # lazy: sibling modules of this project; loads any tower
-
-    model = pretrained.load_checkpoint(path).to(device).eval()
-    return model, saved_tokenizer(path)
-
+# ------------------------------------------------------------------------------------ datasets
 
 def torchvision_dataset(name, root, hint=None, **kwargs):
     """torchvision.datasets.<name>(root, download=False, **kwargs), or a one-line FileNotFoundError
@@ -393,6 +357,8 @@ def main(argv=None):
             ds, classnames, template_key = zero_shot_dataset(args.dataset, args.data_root, None,
                                                              args.classnames)
             templates = read_list(args.templates or template_key, "templates")
+        from factory import load_model_and_tokenizer  # lazy: evaluating a model needs no loader
+
         model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.device)
         if args.dataset == "builtin":
             result = evaluate_builtin(model, tokenizer, n=args.n, batch_size=args.batch_size,

@@ -46,8 +46,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from eval_zeroshot import (DOWNLOAD_HINT, LabeledImages, eval_mode, image_size_of, imagenet_split,
-                           load_model_and_tokenizer, mean_per_class_accuracy, model_dtype, to_rgb,
-                           torchvision_dataset)
+                           mean_per_class_accuracy, model_dtype, to_rgb, torchvision_dataset)
 
 # name -> (folder under --data-root, Table 6 metric)
 DATASETS = {
@@ -328,6 +327,8 @@ def main(argv=None):
         if folder and not os.path.isdir(os.path.join(args.data_root, folder)):
             root = os.path.join(args.data_root, folder)
             raise SystemExit(f"linear_probe.py: {name}: {root} not found; {how_to_get(name, root)}")
+    from factory import load_model_and_tokenizer  # lazy: probing a model needs no loader
+
     try:
         model, _ = load_model_and_tokenizer(args.checkpoint, args.device)
         from views import eval_transform  # lazy: this file imports without views.py

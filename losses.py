@@ -1,13 +1,16 @@
-"""The training losses of DeCLIP and its CLIP variants, as pure functions on tensors.
+"""The training losses of DeCLIP and its CLIP variants, and the distributed pieces they need.
 
 - `clip_loss`: symmetric InfoNCE between image and text features (DeCLIP Eq. 1, CLIP Sec. 2.3).
-  DeCLIP's MVS and NNS terms (Sec. 3.2, 3.3) are the same loss on other pairs of views.
-- `siglip_loss`: the pairwise sigmoid loss of SigLIP,
-  `-(1/B) sum_ij log sigmoid(y_ij (t z_i.z_j + b))` (medium-scale study, SPEC section 4).
+  DeCLIP's MVS and NNS terms (Sec. 3.3) are the same loss on other pairs of views.
+- `siglip_loss`: the pairwise sigmoid loss of SigLIP (Zhai et al. 2023, Sec. 3; the sigmoid
+  loss of the medium-scale study), `-(1/B) sum_ij log sigmoid(y_ij (t z_i.z_j + b))`.
+- `infonce_i2t`: the image -> text half of InfoNCE, for several image views against one set of
+  texts (DeCLIP's NNS, Sec. 3.3: both image views against the nearest-neighbour texts).
 - `simsiam_loss`: image self-supervision, SimSiam's negative cosine with stop-gradient
-  (DeCLIP Sec. 3.2, ISS).
-- `mlm_loss`: text self-supervision, masked-token cross-entropy (DeCLIP Sec. 3.2, TSS).
+  (DeCLIP Sec. 3.3, ISS).
+- `mlm_loss`: text self-supervision, masked-token cross-entropy (DeCLIP Sec. 3.3, TSS).
 - `all_gather_with_grad`: the collective that makes the contrastive losses see the global batch.
+- `GlobalBatchNorm1d`: BatchNorm over the global batch on any device (SimSiam's heads in DeCLIP).
 - `clamp_logit_scale_`: keeps the temperature multiplier at most 100 (see below).
 
 Shapes: B local batch, N = world_size * B global batch, D embedding dim, L tokens, V vocabulary,
@@ -39,9 +42,11 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
-# SigLIP's initialisation (SPEC section 4): t' = log 10 so that t = exp(t') = 10, and bias b = -10.
+# SigLIP's initialisation (Zhai et al. 2023, Sec. 3): t' = log 10 so that t = exp(t') = 10, and
+# bias b = -10.
 # With b = -10 the B^2 - B negative pairs start with a near-zero loss instead of log 2 each, so the
 # first steps are not dominated by pushing everything apart.
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
@@ -128,6 +133,21 @@ def clip_loss(z_img, z_txt, logit_scale):
     return (loss_i2t + loss_t2i) / 2
 
 
+def infonce_i2t(z_imgs, z_txt, logit_scale):
+    """Image -> text cross-entropy: rows the local images, columns the global batch's texts.
+
+    z_imgs: list of (B, D) image views, all paired with z_txt (B, D); logit_scale: the multiplier.
+    One matmul for all views, and the mean over their rows is the mean of the per-view losses.
+    Under DDP the positive of local row i sits at column `rank * B + i`, as in `clip_loss`.
+    """
+    rank, _ = rank_and_world()
+    batch = z_txt.shape[0]
+    z_txt_all = all_gather_with_grad(z_txt)                                # (N, D)
+    logits = logit_scale * torch.cat(z_imgs) @ z_txt_all.T                 # (views * B, N)
+    labels = torch.arange(batch, device=z_txt.device) + rank * batch       # (B,)
+    return F.cross_entropy(logits, labels.repeat(len(z_imgs)))
+
+
 def siglip_loss(z_img, z_txt, logit_scale, logit_bias):
     """Pairwise sigmoid loss `-(1/B) sum_ij log sigmoid(y_ij (t z_img_i . z_txt_j + b))`.
 
@@ -194,3 +214,33 @@ def clamp_logit_scale_(param, max_scale=100.0):
     parameters.
     """
     return param.clamp_(0.0, math.log(max_scale))
+
+
+class GlobalBatchNorm1d(nn.Module):
+    """BatchNorm1d whose training statistics cover the global batch of all ranks, on any device.
+
+    Same parameters and buffers as nn.BatchNorm1d (so the state_dicts match). Under
+    torch.distributed it normalises all_gather_with_grad(x) and keeps this rank's rows, which is
+    what one process on the whole batch computes (nn.SyncBatchNorm does the same on GPUs only).
+    Not an nn.BatchNorm subclass, so convert_sync_batchnorm leaves it alone.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):                                                  # (B, C)
+        rank, world = rank_and_world()
+        batch = x.shape[0]
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if world > 1:
+                x = all_gather_with_grad(x)                                # (N, C)
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return y[rank * batch:(rank + 1) * batch] if self.training and world > 1 else y

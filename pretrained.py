@@ -1,12 +1,14 @@
-"""Pre-trained towers from local files, LiT-style locking and per-tower learning rates (SPEC §4).
+"""Pre-trained towers from local files: DINO, Hugging Face ViT, torchvision ResNet, BERT, XLM-R.
 
 The medium-scale study found that starting CLIP from a self-supervised image tower (DINO) and a
 masked-LM text tower (XLM-RoBERTa) gives the largest gain (Sec. 2, Fig. 2), and names locking
 them (LiT, Zhai et al. 2022) as worth trying. Weights are read from files you downloaded; nothing
 is fetched at run time.
 
-Towers are named by specs "kind:PATH", resolved in one place, TOWERS (kind -> loader, builder,
-tokenizer). Every tower keeps clip.py's tower contract, so CLIP takes it as a module:
+This file converts weights; factory.py resolves the specs "kind:PATH" (factory.towers(): kind ->
+loader here, builder, tokenizer) and puts the towers in a CLIP. Every tower keeps clip.py's tower
+contract, so CLIP takes it as a module. A loader is (PATH, embed_dim, the preset's settings) ->
+tower:
 - dino:FILE  DINO ViT, facebookresearch/dino names (cls_token, pos_embed, patch_embed.proj,
   blocks.{i}.*, norm), into OpenAI's ViT built with vision_ln_pre=False, vision_ln_eps=1e-6,
   act="gelu" (it must match the preset: ViT-S-16 = ViT-S/16). DINO's patch-embedding bias is
@@ -25,28 +27,22 @@ tokenizer). Every tower keeps clip.py's tower contract, so CLIP takes it as a mo
 - xlmr:DIR  XLM-RoBERTa (xlmr.py), with its SentencePiece tokenizer.
 ViT towers keep FLIP's patch dropout and ToMe; a fresh OpenAI text tower next to DINO or an HF ViT
 uses their exact GELU (one act per CLIP). `proj` / `fc` / `text_projection` start fresh.
-Adding a tower: a file with its module (the contract) and loader, and one entry in TOWERS.
+Adding a tower: a file with its module (the contract) and loader, and one entry in
+factory.towers().
+
+Training them (LiT locking, a learning rate per tower) is optim.py's.
 
 Shapes: B batch, D embedding; ViT: W width, N patches.
 
 Usage:
-    model = create_model("ViT-S-16", image="hf-vit:dino-vits16/",
-                         text="xlmr:xlm-roberta-base/")        # a CLIP; config rebuilds it
-    tokenizer = load_tokenizer("xlmr:xlm-roberta-base/")       # the one its weights came with
-    model = load_checkpoint("runs/x/checkpoint.pt")           # any tower, from model_config
-    lock_tower(model, "image")                                  # LiT: image body frozen
-    opt = torch.optim.AdamW(param_groups(model, lr=5e-4, wd=0.2, text_lr=1e-5))
-    train_mode(model)                                           # instead of model.train()
+    load_dino_(model.visual, "dino_deitsmall16_pretrain.pth")     # into a ViT in DINO's layout
+    model = factory.create_model("ViT-S-16", image="hf-vit:dino-vits16/",
+                                 text="xlmr:xlm-roberta-base/")   # the usual way
 
-Choices: a tower's *body* is what locking freezes and what image_lr / text_lr apply to; the
-projections into the joint space (the image tower's `projection`, `text_projection`) are fresh
-for every pre-trained tower, so they always train at the base lr.
 Left out: timm and other HF model zoos (HF ViTModel and XLMRobertaModel only), DINOv2, DINO's
 ImageNet normalisation (images keep CLIP's mean and std), tokenizers' literal special tokens.
 """
-import functools
 import os
-from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -54,8 +50,7 @@ import torch.nn.functional as F
 
 import bert
 import xlmr
-from clip import CLIP, PRESETS, VisionTransformer, build_image_tower, checkpointed, split_config
-from clip import from_config as clip_from_config, load_checkpoint as clip_load_checkpoint
+from clip import VisionTransformer, build_image_tower, checkpointed
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -141,7 +136,7 @@ def load_dino_(visual, path):
             and visual.ln_post.eps == 1e-6
             and isinstance(visual.transformer.resblocks[0].mlp.gelu, nn.GELU)):
         raise ValueError(f"{path}: DINO weights need a ViT with vision_ln_pre=False, "
-                         "vision_ln_eps=1e-6, act='gelu' (pretrained.create_model sets them)")
+                         "vision_ln_eps=1e-6, act='gelu' (factory.create_model sets them)")
     ours = _vit_embeddings(visual, sd.pop("cls_token"), sd.pop("pos_embed")[0],
                            sd.pop("patch_embed.proj.weight"), sd.pop("patch_embed.proj.bias", None))
     for k, v in sd.items():
@@ -246,182 +241,3 @@ def load_bert(path, embed_dim, settings):
 def load_xlmr(path, embed_dim, settings):
     """"xlmr:DIR": XLM-RoBERTa sized by its config.json, taking the preset's context_length."""
     return xlmr.load_hf_xlmr(path, settings["context_length"])
-
-
-class Tower(NamedTuple):
-    """An entry of TOWERS: how a spec "kind:PATH" becomes a tower, how its config rebuilds it."""
-    side: str                       # "image" or "text"
-    load: Callable                  # (path, embed_dim, the preset's settings) -> tower module
-    build: Callable = None          # (**config without "kind") -> the untrained tower; None:
-    #                                 an OpenAI-layout ViT, which clip.py rebuilds itself
-    tokenizer: type = None          # text: .from_pretrained(folder), (**state), .state()
-
-
-# The one place tower specs are resolved: a new tower is one entry here.
-TOWERS = {
-    "dino": Tower("image", load_dino),
-    "hf-vit": Tower("image", load_hf_vit),
-    **{f"tv-{a}": Tower("image", functools.partial(load_torchvision, a), TorchvisionResNetTower)
-       for a in TORCHVISION_RESNETS},
-    "bert": Tower("text", load_bert, bert.BertModel, bert.WordPieceTokenizer),
-    "xlmr": Tower("text", load_xlmr, xlmr.XLMRobertaModel, xlmr.XLMRTokenizer),
-}
-
-
-def _parse(spec, side):
-    """"kind:PATH" -> (kind, PATH) for one side, or a one-line error listing the kinds."""
-    kinds = [k for k, t in TOWERS.items() if t.side == side]
-    kind, sep, path = spec.partition(":")
-    if not sep or kind not in kinds or not path:
-        raise ValueError(f"{side}={spec!r}: expected one of "
-                         + ", ".join(f"{k}:PATH" for k in kinds))
-    return kind, path
-
-
-def create_model(name, image=None, text=None, **overrides):
-    """A preset CLIP with pre-trained towers: `image` "dino:FILE", "hf-vit:DIR" or
-    "tv-resnet50:FILE" (any torchvision ResNet), `text` "bert:DIR" or "xlmr:DIR"; `overrides`
-    replace preset settings (clip.create_model's). Pre-trained text towers bring their vocabulary
-    (a vocab_size override must agree). The result's `config` rebuilds the same architecture
-    (from_config, load_checkpoint).
-    """
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-    embed_dim, vision, text_tower = split_config({**PRESETS[name], **overrides})
-    if image is not None:
-        kind, path = _parse(image, "image")
-        vision = TOWERS[kind].load(path, embed_dim, vision)
-    if text is not None:
-        kind, path = _parse(text, "text")
-        text_tower = TOWERS[kind].load(path, embed_dim, text_tower)
-        if overrides.get("vocab_size", text_tower.vocab_size) != text_tower.vocab_size:
-            raise ValueError(f"{path}: the weights have {text_tower.vocab_size} tokens but "
-                             f"vocab_size={overrides['vocab_size']} (use the tokenizer that "
-                             "comes with them: load_tokenizer)")
-    if isinstance(text_tower, dict) and "act" in getattr(vision, "config", {}):
-        text_tower["act"] = vision.config["act"]  # OpenAI's text tower shares the ViT's act
-    return CLIP(embed_dim, vision, text_tower)
-
-
-def build_tower(config):
-    """The untrained tower that a module tower's config ({"kind": ...}) describes."""
-    entry = TOWERS.get(config.get("kind"))
-    if entry is None or entry.build is None:
-        kinds = [k for k, t in TOWERS.items() if t.build is not None]
-        raise ValueError(f"tower kind {config.get('kind')!r} is not one of {', '.join(kinds)}")
-    return entry.build(**{k: v for k, v in config.items() if k != "kind"})
-
-
-def from_config(config):
-    """clip.from_config with every tower of TOWERS: the architecture of any model.config."""
-    return clip_from_config(config, build_tower)
-
-
-def load_checkpoint(path, map_location="cpu", **overrides):
-    """clip.load_checkpoint for checkpoints with any tower (eval_zeroshot.py loads through it)."""
-    return clip_load_checkpoint(path, map_location, build_tower=build_tower, **overrides)
-
-
-def load_tokenizer(spec):
-    """The tokenizer that comes with a text tower's weights: "bert:DIR" (vocab.txt),
-    "xlmr:DIR" (tokenizer.json or sentencepiece.bpe.model)."""
-    kind, path = _parse(spec, "text")
-    return TOWERS[kind].tokenizer.from_pretrained(path if os.path.isdir(path)
-                                                  else os.path.dirname(path))
-
-
-def tokenizer_state(spec, tokenizer):
-    """What a checkpoint keeps of the tokenizer of text tower `spec` (tokenizer_from_state)."""
-    return {"kind": spec.partition(":")[0], "state": tokenizer.state()}
-
-
-def tokenizer_from_state(saved):
-    entry = TOWERS.get(saved.get("kind"))
-    if entry is None or entry.tokenizer is None:
-        raise ValueError(f"a checkpoint's tokenizer of kind {saved.get('kind')!r}: expected one "
-                         f"of {', '.join(k for k, t in TOWERS.items() if t.tokenizer)}")
-    return entry.tokenizer(**saved["state"])
-
-
-# ----------------------------------------------------------------------------- training the towers
-
-def _find_clip(model):
-    """The CLIP inside `model` (itself, DeCLIP's .clip, or a DDP-wrapped one)."""
-    found = next((m for m in model.modules() if isinstance(m, CLIP)), None)
-    if found is None:
-        raise ValueError(f"no CLIP inside this {type(model).__name__}")
-    return found
-
-
-def _is_projection(clip, name):  # names relative to the CLIP; the tower contract's projection
-    heads = [f"visual.{p}" for p in getattr(clip.visual, "projection", ())] + ["text_projection"]
-    return any(name == h or name.startswith(h + ".") for h in heads)
-
-
-def tower_parameters(model, side):
-    """{name: parameter} of one tower's body ("image" or "text"), projection excluded; names are
-    relative to the CLIP. The text side is everything of the CLIP outside `visual` except
-    `text_projection` and the logit scale."""
-    if side not in ("image", "text"):
-        raise ValueError(f"tower {side!r}: use 'image' or 'text'")
-    clip = _find_clip(model)
-    image = side == "image"
-    return {n: p for n, p in clip.named_parameters() if n.startswith("visual.") == image
-            and not _is_projection(clip, n) and not n.startswith("logit_")}
-
-
-def lock_tower(model, side, keep_proj=True):
-    """LiT: freeze one tower (requires_grad False) and its BatchNorm statistics (eval mode).
-
-    `model.train()` puts BatchNorm back in training mode: use `train_mode(model)` instead, which
-    keeps every BatchNorm whose parameters are all frozen in eval mode. keep_proj=False freezes
-    the projection too (for a tower that is already aligned, e.g. a CLIP checkpoint's).
-    """
-    clip = _find_clip(model)
-    params = tower_parameters(clip, side)
-    if not keep_proj:
-        proj = "visual." if side == "image" else "text_projection"
-        params.update({n: p for n, p in clip.named_parameters()
-                       if _is_projection(clip, n) and n.startswith(proj)})
-    for p in params.values():
-        p.requires_grad_(False)
-    return train_mode(model, model.training)
-
-
-def train_mode(model, mode=True):
-    """model.train(mode), but BatchNorm layers with only frozen parameters stay in eval mode."""
-    model.train(mode)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None \
-                and not any(p.requires_grad for p in m.parameters()):
-            m.eval()
-    return model
-
-
-def param_groups(model, lr, wd, image_lr=None, text_lr=None):
-    """AdamW parameter groups: per tower body (image_lr / text_lr, default lr) x decay or not.
-
-    No weight decay for tensors with ndim < 2 (every norm layer's weight and bias, class
-    embeddings), biases, logit_scale / logit_bias.
-    Each group carries "name" and "base_lr" (its peak lr): schedule each group from its own,
-    e.g. group["lr"] = lr_at(step, total, warmup, group["base_lr"]). Frozen parameters are left
-    out, so call lock_tower first.
-    """
-    clip = _find_clip(model)
-    tower = {id(p): "image" for p in tower_parameters(clip, "image").values()}
-    tower.update({id(p): "text" for p in tower_parameters(clip, "text").values()})
-    peak = {"image": lr if image_lr is None else image_lr,
-            "text": lr if text_lr is None else text_lr, "other": lr}
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = not (p.ndim < 2 or name.endswith("bias")
-                     or name.rsplit(".", 1)[-1].startswith("logit_"))
-        t = tower.get(id(p), "other")
-        key = f"{t}/{'decay' if decay else 'no_decay'}"
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": wd if decay else 0.0, "lr": peak[t],
-                           "base_lr": peak[t], "name": key}
-        groups[key]["params"].append(p)
-    return list(groups.values())

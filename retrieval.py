@@ -249,7 +249,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the result dict to this file")
     args = p.parse_args(argv)
 
-    from eval_zeroshot import image_size_of, load_model_and_tokenizer, save_json
+    from eval_zeroshot import image_size_of, save_json
+    from factory import load_model_and_tokenizer
 
     try:
         model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.device)

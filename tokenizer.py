@@ -315,73 +315,111 @@ class Tokenizer:
         n_merges = vocab_size - 512 - 3
         if n_merges < 0:
             raise ValueError(f"vocab_size={vocab_size}: must be >= 515 (512 bytes + 3 specials)")
-        counts = Counter()
-        for text in texts:
-            counts.update(pretokenize(text))
         # symbols are ints while training: 0-255 bytes, 256-511 bytes + </w>, then one per merge
-        b2u = bytes_to_unicode()
-        order = {b: i for i, b in enumerate(b2u)}  # byte -> vocabulary position
-        symbols = list(b2u.values()) + [s + "</w>" for s in b2u.values()]
+        words, freqs = _words_as_symbols(texts)
+        symbols = [*bytes_to_unicode().values()]
+        symbols += [s + "</w>" for s in symbols]
         symbol_id = {s: i for i, s in enumerate(symbols)}
-        words, freqs = [], []
-        for word, freq in counts.items():
-            if word in SPECIALS:
-                continue
-            w = [order[b] for b in word.encode("utf-8")]
-            w[-1] += 256
-            words.append(w)
-            freqs.append(freq)
-
-        pair_counts = defaultdict(int)      # (a, b) -> weighted number of occurrences
-        where = defaultdict(set)            # (a, b) -> indices of words holding it (may be stale)
-        for wi, (w, f) in enumerate(zip(words, freqs)):
-            for pair in zip(w, w[1:]):
-                pair_counts[pair] += f
-                where[pair].add(wi)
+        pair_counts, where = _count_pairs(words, freqs)
         heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
         heapq.heapify(heap)
 
         merges = []
-        while len(merges) < n_merges and heap:
-            neg, a, b = heapq.heappop(heap)
-            count = pair_counts.get((a, b), 0)
-            if count <= 0:
-                continue
-            if count != -neg:  # stale entry: counts only go down, so re-queue the true count
-                heapq.heappush(heap, (-count, a, b))
-                continue
+        while len(merges) < n_merges:
+            best = _pop_most_frequent(heap, pair_counts)
+            if best is None:
+                break
+            a, b = best
             merges.append((symbols[a], symbols[b]))
             # ("ab", "c") and ("a", "bc") both make "abc": one symbol, as when encoding strings
             new = symbol_id.setdefault(symbols[a] + symbols[b], len(symbols))
             if new == len(symbols):
                 symbols.append(symbols[a] + symbols[b])
-            new_pairs = set()
-            for wi in where.pop((a, b)):
-                w, f = words[wi], freqs[wi]
-                merged, i = [], 0
-                while i < len(w):
-                    if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
-                        merged.append(new)
-                        i += 2
-                    else:
-                        merged.append(w[i])
-                        i += 1
-                if len(merged) == len(w):
-                    continue
-                for pair in zip(w, w[1:]):
-                    pair_counts[pair] -= f
-                for pair in zip(merged, merged[1:]):
-                    pair_counts[pair] += f
-                    where[pair].add(wi)
-                    if new in pair:
-                        new_pairs.add(pair)
-                words[wi] = merged
-            del pair_counts[(a, b)]
-            for pair in new_pairs:  # only pairs with the new symbol can have grown
-                heapq.heappush(heap, (-pair_counts[pair], *pair))
+            for pair in _merge_everywhere(a, b, new, words, freqs, pair_counts, where):
+                heapq.heappush(heap, (-pair_counts[pair], *pair))  # only these can have grown
             if verbose and len(merges) % 1000 == 0:
                 print(f"tokenizer.train: {len(merges)}/{n_merges} merges, last {merges[-1]}")
         if len(merges) < n_merges:
             warnings.warn(f"tokenizer.train: the corpus allows only {len(merges)} merges; "
                           f"vocab_size is {512 + len(merges) + 3}, not {vocab_size}")
         return cls(merges)
+
+
+# ---------------------------------------------------------------- training: the steps of BPE
+def _words_as_symbols(texts) -> tuple[list[list[int]], list[int]]:
+    """The unique words of `texts` as lists of symbol ids (a byte's vocabulary position, + 256 on
+    the last one: the `</w>` form), and how often each occurs."""
+    counts = Counter()
+    for text in texts:
+        counts.update(pretokenize(text))
+    order = {b: i for i, b in enumerate(bytes_to_unicode())}  # byte -> vocabulary position
+    words, freqs = [], []
+    for word, freq in counts.items():
+        if word in SPECIALS:
+            continue
+        w = [order[b] for b in word.encode("utf-8")]
+        w[-1] += 256
+        words.append(w)
+        freqs.append(freq)
+    return words, freqs
+
+
+def _count_pairs(words, freqs):
+    """-> ({(a, b): weighted number of occurrences}, {(a, b): indices of the words holding it}).
+    The second may go stale (list words that no longer hold the pair): merging skips those."""
+    pair_counts, where = defaultdict(int), defaultdict(set)
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += f
+            where[pair].add(wi)
+    return pair_counts, where
+
+
+def _pop_most_frequent(heap, pair_counts):
+    """Pop the heap's most frequent pair (a, b) (ties: the smallest ids), or None when no pair
+    is left. Entries are (-count, a, b) and may be stale: counts only go down, so an entry whose
+    count has dropped is pushed back with its true count."""
+    while heap:
+        neg, a, b = heapq.heappop(heap)
+        count = pair_counts.get((a, b), 0)
+        if count <= 0:
+            continue
+        if count != -neg:
+            heapq.heappush(heap, (-count, a, b))
+            continue
+        return a, b
+    return None
+
+
+def _merge_pair(w, a, b, new):
+    """Word w (symbol ids) with every non-overlapping (a, b), left to right, replaced by new."""
+    merged, i = [], 0
+    while i < len(w):
+        if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+            merged.append(new)
+            i += 2
+        else:
+            merged.append(w[i])
+            i += 1
+    return merged
+
+
+def _merge_everywhere(a, b, new, words, freqs, pair_counts, where):
+    """Merge (a, b) into `new` in every word holding it, updating `words`, `pair_counts` and
+    `where` in place. -> the pairs that hold `new` (the only ones whose counts grew)."""
+    new_pairs = set()
+    for wi in where.pop((a, b)):
+        w, f = words[wi], freqs[wi]
+        merged = _merge_pair(w, a, b, new)
+        if len(merged) == len(w):  # a stale entry of `where`
+            continue
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] -= f
+        for pair in zip(merged, merged[1:]):
+            pair_counts[pair] += f
+            where[pair].add(wi)
+            if new in pair:
+                new_pairs.add(pair)
+        words[wi] = merged
+    del pair_counts[(a, b)]
+    return new_pairs

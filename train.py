@@ -3,7 +3,7 @@
 DeCLIP (Li et al., ICLR 2022) Sec. 3 and Appendix C; the CLIP variants of the medium-scale study
 (SigLIP loss, FLIP patch dropout, ToMe, pre-trained towers) and the Table 4 ablation are flags.
 
-    python train.py                   # the demo: tiny DeCLIP on 2,000 built-in pairs, CPU, ~11 min
+    python train.py                   # the demo: tiny DeCLIP on 2,000 built-in pairs, CPU, ~10 min
     python train.py --method clip     # CLIP with the same settings, for contrast
     torchrun --nproc_per_node=8 train.py --data cc3m          # the paper's CC3M setting (preset)
     torchrun --nproc_per_node=8 --max-restarts=3 train.py --data cc3m --resume auto
@@ -19,9 +19,7 @@ Left out on purpose: gradient accumulation, EMA weights, SGD for the text tower 
 for ViT-B/32; AdamW for both towers is what the official code and OpenCLIP do).
 """
 import argparse
-import datetime
 import functools
-import json
 import math
 import os
 import sys
@@ -30,7 +28,7 @@ import warnings
 
 # Set before torch loads OpenMP: compute threads that wait at the end of a parallel region sleep
 # instead of spinning, so the data-loading worker gets the core they would burn (2 cores, batch
-# 256: 1.2x the end-to-end step, with loading overlapped; `python bench.py --only cpu`).
+# 256: 1.2x the end-to-end step; `python experiments/bench.py --only cpu`).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.distributed as dist
@@ -38,23 +36,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import eda
-from declip import MLM_PASSES, DeCLIP
 import eval_zeroshot
-from clip import PRESETS as PRESETS_CLIP
-from losses import clamp_logit_scale_
-from pretrained import (create_model, load_tokenizer, lock_tower, param_groups, tokenizer_state,
-                        train_mode)
-from tokenizer import Tokenizer
 import views
+from declip import MLM_PASSES, DeCLIP
+from distributed import all_ranks_sum, assert_replicas_agree, setup_distributed
+from factory import PRESETS as PRESETS_CLIP, create_model, load_tokenizer, tokenizer_state
+from losses import clamp_logit_scale_
+from optim import BadSteps, clip_gradients, lock_tower, lr_at, param_groups, train_mode
+from runlog import RunLog
+from tokenizer import Tokenizer
 
 DEMO_STEPS = 300  # runs on other data without --steps, --epochs or a preset
 # measured at the defaults on seed 0 (README, Quickstart): printed after the demo for contrast
-DEMO_DECLIP_TOP1, DEMO_CLIP_TOP1 = "92.8%", "58.4%"
+DEMO_FOOTER = ("for contrast, CLIP: the same command with --method clip (at the defaults, seed 0: "
+               "58.4% top-1, measured; DeCLIP 92.8%)")
 # Settings of the papers, one flag each. Flags given on the command line override them.
 PRESETS = {
     # `python train.py`: the built-in data in the regime where DeCLIP's claim shows (README):
     # data-limited (2,000 unique pairs) at a batch where the paper's views learn form (256);
-    # 150 epochs of 7 steps, about 11 minutes on 2 CPU cores (the slower seeds need that many
+    # 150 epochs of 7 steps, under 10 minutes on 2 CPU cores (the slower seeds need that many
     # to pass 85%). `--method clip` is the contrast.
     "demo": dict(data="builtin", method="declip", train_size=2000, batch_size=256, epochs=150,
                  warmup=50, eval_every=150),
@@ -77,110 +77,14 @@ PRESETS = {
 
 
 def get_args(argv=None):
+    """The flags, grouped as --help shows them; a preset's values are defaults that flags
+    given on the command line override."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a paper setting; flags override it (--data cc3m: declip-cc3m)")
-    # what to train
-    p.add_argument("--method", choices=["clip", "declip"], default="declip")
-    p.add_argument("--no-mvs", dest="mvs", action="store_false", help="DeCLIP without multi-view")
-    p.add_argument("--no-ss", dest="ss", action="store_false", help="DeCLIP without SimSiam + MLM")
-    p.add_argument("--no-nns", dest="nns", action="store_false", help="DeCLIP without the NN queue")
-    p.add_argument("--loss", choices=["infonce", "siglip"], default="infonce")
-    p.add_argument("--logit-scale-init", type=float, default=None,
-                   help="initial multiplier t (default: 1/0.07 for infonce, 10 for siglip)")
-    p.add_argument("--logit-bias-init", type=float, default=None,
-                   help="siglip: initial bias b (default: -log(global batch); the SigLIP paper's "
-                        "-10 is -log of its 32k batch)")
-    p.add_argument("--mlm-pass", choices=list(MLM_PASSES), default="shared",
-                   help="DeCLIP's MLM: on the contrastive pass over the masked caption (shared, "
-                        "the official code), or a pass of its own (separate: causal; "
-                        "bidirectional: BERT-style)")
-    p.add_argument("--alpha", type=float, default=0.2, help="weight of L_ISS + L_TSS")
-    p.add_argument("--beta", type=float, default=0.2, help="weight of L_MVS")
-    p.add_argument("--gamma", type=float, default=0.2, help="weight of L_NNS")
-    p.add_argument("--queue-size", type=int, default=None,
-                   help="NN queue length (the paper: 65,536 at batch 1024+); default: the "
-                        "samples of the run's last 10%% of steps, at most 65,536 and at most a "
-                        "quarter of the training pairs")
-    p.add_argument("--model", default="tiny-rn", choices=list(PRESETS_CLIP))
-    p.add_argument("--patch-dropout", type=float, default=0.0,
-                   help="FLIP: fraction of patches dropped")
-    p.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
-    p.add_argument("--tome-r", type=int, default=0, help="ToMe: tokens merged per ViT block")
-    p.add_argument("--pretrained-image", default=None,
-                   help="dino:FILE, hf-vit:DIR (Hugging Face ViTModel) or tv-resnet50:FILE")
-    p.add_argument("--pretrained-text", default=None,
-                   help="bert:DIR or xlmr:DIR (Hugging Face weights + their tokenizer files)")
-    p.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower body")
-    p.add_argument("--lock-text", action="store_true", help="freeze the text tower body")
-    p.add_argument("--image-lr", type=float, default=None, help="image tower lr (default --lr)")
-    p.add_argument("--text-lr", type=float, default=None, help="text tower lr (default --lr)")
-    # data
-    p.add_argument("--data", default="builtin",
-                   help="builtin, a csv/tsv file, or a folder under --data-root")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--train-size", type=int, default=None,
-                   help="builtin: unique training pairs (data-limited runs; 0: all 1,000,000)")
-    p.add_argument("--data-seed", type=int, default=None,
-                   help="builtin: which dataset is generated, train and eval (default: --seed)")
-    p.add_argument("--csv-img-key", default="filepath")
-    p.add_argument("--csv-caption-key", default="title")
-    p.add_argument("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
-    p.add_argument("--image-aug", choices=["clip", "declip"], default=None,
-                   help="training views: CLIP's mild crop, or DeCLIP's Appendix B views (default: "
-                        "declip when --method declip uses two views, else clip)")
-    p.add_argument("--crop-scale", type=float, default=0.2,
-                   help="DeCLIP views: smallest crop, as a fraction of the image area")
-    p.add_argument("--aug-jitter", type=float, default=0.8, help="DeCLIP views: p(colour jitter)")
-    p.add_argument("--aug-hue", type=float, default=0.1,
-                   help="DeCLIP views: the colour jitter's hue shift, a fraction of the circle")
-    p.add_argument("--aug-gray", type=float, default=0.2, help="DeCLIP views: p(grayscale)")
-    p.add_argument("--aug-blur", type=float, default=0.5, help="DeCLIP views: p(Gaussian blur)")
-    p.add_argument("--tokenizer", default="auto",
-                   help="openai, train (learn BPE on the training captions), or a merges file; "
-                        "auto = train for builtin data, openai otherwise")
-    p.add_argument("--vocab-size", type=int, default=768, help="for --tokenizer train")
-    p.add_argument("--workers", type=int, default=min(8, (os.cpu_count() or 2) // 2),
-                   help="data-loading processes per rank")
-    # optimisation
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"total steps (overrides --epochs; default {DEMO_STEPS} if neither)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--wd", type=float, default=0.1)
-    p.add_argument("--beta2", type=float, default=0.98)
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in backward: less memory, ~1/3 "
-                        "more compute (DeCLIP RN50 at 128 per GPU on 16 GB)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on GPUs and CPUs that compute in it natively (CPU: "
-                        "AVX512-BF16 or AMX), else fp32; fp16 (GPU): with a GradScaler")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC images and weights (default: on for ResNet towers, where it is "
-                        "faster on GPUs and CPUs; ViTs have no convolutions to gain from it)")
-    p.add_argument("--max-bad-steps", type=int, default=20,
-                   help="abort after this many consecutive non-finite steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available")
-    # bookkeeping
-    p.add_argument("--output", default=None, help="default: runs/<preset> or runs/demo")
-    p.add_argument("--resume", default=None,
-                   help="'auto' (the checkpoint in --output, if any) or a path")
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="zero-shot eval every N steps (0: at the end only)")
-    p.add_argument("--eval-size", type=int, default=1000, help="built-in eval images")
-    p.add_argument("--zeroshot", default="builtin", choices=["builtin", "imagenet", "cifar10",
-                   "cifar100"], help="zero-shot eval set (eval_zeroshot.py has more)")
-    p.add_argument("--zeroshot-root", default="data/imagenet", help="its folder, if not builtin")
-    p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests only
-
+    for add in (method_flags, model_flags, data_flags, view_flags, optimisation_flags, run_flags):
+        add(p)
     args = p.parse_args(argv)
     if args.preset is None and args.data in ("builtin", "cc3m"):
         # `train.py` is the demo, `train.py --data cc3m` the paper's run
@@ -209,26 +113,132 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- distributed set-up
+def method_flags(p):
+    g = p.add_argument_group('what to train (DeCLIP Eq. 2, SigLIP)')
+    g.add_argument("--method", choices=["clip", "declip"], default="declip")
+    g.add_argument("--no-mvs", dest="mvs", action="store_false", help="DeCLIP without multi-view")
+    g.add_argument("--no-ss", dest="ss", action="store_false", help="DeCLIP without SimSiam + MLM")
+    g.add_argument("--no-nns", dest="nns", action="store_false", help="DeCLIP without the NN queue")
+    g.add_argument("--loss", choices=["infonce", "siglip"], default="infonce")
+    g.add_argument("--logit-scale-init", type=float, default=None,
+                   help="initial multiplier t (default: 1/0.07 for infonce, 10 for siglip)")
+    g.add_argument("--logit-bias-init", type=float, default=None,
+                   help="siglip: initial bias b (default: -log(global batch); the SigLIP paper's "
+                        "-10 is -log of its 32k batch)")
+    g.add_argument("--mlm-pass", choices=list(MLM_PASSES), default="shared",
+                   help="DeCLIP's MLM: on the contrastive pass over the masked caption (shared, "
+                        "the official code), or a pass of its own (separate: causal; "
+                        "bidirectional: BERT-style)")
+    g.add_argument("--alpha", type=float, default=0.2, help="weight of L_ISS + L_TSS")
+    g.add_argument("--beta", type=float, default=0.2, help="weight of L_MVS")
+    g.add_argument("--gamma", type=float, default=0.2, help="weight of L_NNS")
+    g.add_argument("--queue-size", type=int, default=None,
+                   help="NN queue length (the paper: 65,536 at batch 1024+); default: the "
+                        "samples of the run's last 10%% of steps, at most 65,536 and at most a "
+                        "quarter of the training pairs")
 
-def setup_distributed(args):
-    """Read torchrun's environment; NCCL on GPUs, gloo on CPU. Returns (rank, world, device)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: a group even for 1 process
-        # torchrun keeps one key-value store across restarts (--max-restarts): without a fresh
-        # prefix, a restarted group reads the dead workers' addresses and cannot connect.
-        store, rank, world = next(dist.rendezvous("env://"))
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"restart{restart}/", store)
-        # an hour: the other ranks wait in a barrier while rank 0 evaluates (ImageNet: minutes)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                                rank=rank, world_size=world, timeout=datetime.timedelta(hours=1))
-    return rank, world, device
+
+def model_flags(p):
+    g = p.add_argument_group('model (clip.py presets, FLIP, ToMe, pre-trained and locked towers)')
+    g.add_argument("--model", default="tiny-rn", choices=list(PRESETS_CLIP))
+    g.add_argument("--patch-dropout", type=float, default=0.0,
+                   help="FLIP: fraction of patches dropped")
+    g.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
+    g.add_argument("--tome-r", type=int, default=0, help="ToMe: tokens merged per ViT block")
+    g.add_argument("--pretrained-image", default=None,
+                   help="dino:FILE, hf-vit:DIR (Hugging Face ViTModel) or tv-resnet50:FILE")
+    g.add_argument("--pretrained-text", default=None,
+                   help="bert:DIR or xlmr:DIR (Hugging Face weights + their tokenizer files)")
+    g.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower body")
+    g.add_argument("--lock-text", action="store_true", help="freeze the text tower body")
+    g.add_argument("--image-lr", type=float, default=None, help="image tower lr (default --lr)")
+    g.add_argument("--text-lr", type=float, default=None, help="text tower lr (default --lr)")
+
+
+def data_flags(p):
+    g = p.add_argument_group('data')
+    g.add_argument("--data", default="builtin",
+                   help="builtin, a csv/tsv file, or a folder under --data-root")
+    g.add_argument("--data-root", default="data")
+    g.add_argument("--train-size", type=int, default=None,
+                   help="builtin: unique training pairs (data-limited runs; 0: all 1,000,000)")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="builtin: which dataset is generated, train and eval (default: --seed)")
+    g.add_argument("--csv-img-key", default="filepath")
+    g.add_argument("--csv-caption-key", default="title")
+    g.add_argument("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
+    g.add_argument("--tokenizer", default="auto",
+                   help="openai, train (learn BPE on the training captions), or a merges file; "
+                        "auto = train for builtin data, openai otherwise")
+    g.add_argument("--vocab-size", type=int, default=768, help="for --tokenizer train")
+    g.add_argument("--workers", type=int, default=min(8, (os.cpu_count() or 2) // 2),
+                   help="data-loading processes per rank")
+
+
+def view_flags(p):
+    g = p.add_argument_group('image views (DeCLIP Appendix B; ablations)')
+    g.add_argument("--image-aug", choices=["clip", "declip"], default=None,
+                   help="training views: CLIP's mild crop, or DeCLIP's Appendix B views (default: "
+                        "declip when --method declip uses two views, else clip)")
+    g.add_argument("--crop-scale", type=float, default=0.2,
+                   help="DeCLIP views: smallest crop, as a fraction of the image area")
+    g.add_argument("--aug-jitter", type=float, default=0.8, help="DeCLIP views: p(colour jitter)")
+    g.add_argument("--aug-hue", type=float, default=0.1,
+                   help="DeCLIP views: the colour jitter's hue shift, a fraction of the circle")
+    g.add_argument("--aug-gray", type=float, default=0.2, help="DeCLIP views: p(grayscale)")
+    g.add_argument("--aug-blur", type=float, default=0.5, help="DeCLIP views: p(Gaussian blur)")
+
+
+def optimisation_flags(p):
+    g = p.add_argument_group('optimisation')
+    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"total steps (overrides --epochs; default {DEMO_STEPS} if neither)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--wd", type=float, default=0.1)
+    g.add_argument("--beta2", type=float, default=0.98)
+    g.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine")
+    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward: less memory, ~1/3 "
+                        "more compute (DeCLIP RN50 at 128 per GPU on 16 GB)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default: bf16 on GPUs and CPUs that compute in it natively (CPU: "
+                        "AVX512-BF16 or AMX), else fp32; fp16 (GPU): with a GradScaler")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC images and weights (default: on for ResNet towers, where it is "
+                        "faster on GPUs and CPUs; ViTs have no convolutions to gain from it)")
+    g.add_argument("--max-bad-steps", type=int, default=20,
+                   help="abort after this many consecutive non-finite steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="default: cuda if available")
+
+
+def run_flags(p):
+    g = p.add_argument_group('run: output, resume, logs, evaluation')
+    g.add_argument("--output", default=None, help="default: runs/<preset> or runs/demo")
+    g.add_argument("--resume", default=None,
+                   help="'auto' (the checkpoint in --output, if any) or a path")
+    g.add_argument("--save-every", type=int, default=200)
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="zero-shot eval every N steps (0: at the end only)")
+    g.add_argument("--eval-size", type=int, default=1000, help="built-in eval images")
+    g.add_argument("--zeroshot", default="builtin", choices=["builtin", "imagenet", "cifar10",
+                   "cifar100"], help="zero-shot eval set (eval_zeroshot.py has more)")
+    g.add_argument("--zeroshot-root", default="data/imagenet", help="its folder, if not builtin")
+
+
+# ----------------------------------------------------------------------------- device
+
+def choose_precision(args, device):
+    """--precision, or the device's default; fp16 needs a GPU (its GradScaler is CUDA's)."""
+    args.device = str(device)
+    args.precision = args.precision or default_precision(device)
+    if args.precision == "fp16" and device.type != "cuda":
+        raise SystemExit("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on CPU")
 
 
 def default_precision(device):
@@ -248,40 +258,6 @@ def seed_step(seed, rank, step):
 
 
 # ----------------------------------------------------------------------------- data
-
-class StepSampler(torch.utils.data.Sampler):
-    """This rank's samples for steps [start_step, total_steps): (epoch, index) pairs, epoch after
-    epoch of a seeded permutation of the n samples.
-
-    Like DistributedSampler with drop_last, but one iterator spans the whole run: the DataLoader's
-    workers live for the run and keep loading across epoch boundaries (a new iterator each epoch
-    would restart them and drain the prefetch, every 7 steps at 2,000 pairs and batch 256), and
-    it can start at any step, which makes resume exact without replaying the data loader. The
-    epoch travels with the index because workers hold their own copy of the dataset.
-    """
-
-    def __init__(self, n, batch_size, rank, world, seed, total_steps, start_step=0):
-        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.total_steps, self.start_step = total_steps, start_step
-        self.steps_per_epoch = n // (batch_size * world)
-        if self.steps_per_epoch == 0:
-            raise SystemExit(f"dataset has {n} samples, fewer than one global batch "
-                             f"({batch_size} x {world}): lower --batch-size")
-
-    def __iter__(self):
-        step = self.start_step
-        while step < self.total_steps:
-            epoch, batch = divmod(step, self.steps_per_epoch)
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.n, generator=g)[self.rank::self.world]
-            end = min(self.steps_per_epoch, batch + self.total_steps - step)
-            for i in order[batch * self.batch_size: end * self.batch_size].tolist():
-                yield epoch, i
-            step += end - batch
-
-    def __len__(self):
-        return (self.total_steps - self.start_step) * self.batch_size
-
 
 def build_base(args):
     """The training pairs of --data (--train-size, --data-seed: which built-in pairs)."""
@@ -350,7 +326,7 @@ def build_loader(args, base, tokenizer, image_size, rank, world, total_steps, st
         transform = views.clip_image_transform(image_size)
     dataset = data.ImageText(base, transform, views=2 if two_views else 1,
                              text_aug=eda.augment if args.mvs else None, seed=args.seed)
-    sampler = StepSampler(len(dataset), args.batch_size, rank, world, args.seed, total_steps,
+    sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, total_steps,
                           start_step)
     collate = functools.partial(data.collate, tokenizer=tokenizer,
                                 context_length=args.context_length)
@@ -360,60 +336,146 @@ def build_loader(args, base, tokenizer, image_size, rank, world, total_steps, st
     return dataset, sampler, loader
 
 
-# ----------------------------------------------------------------------------- optimisation
+# ----------------------------------------------------------------------------- the model
 
-def lr_at(step, total, warmup, base_lr):
-    """Linear warm-up to base_lr, then cosine decay to 0."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+def build_declip(args, tokenizer, total, n_train, world, device, checkpoint):
+    """The CLIP of --model (and --pretrained-*), inside DeCLIP's heads and losses (a plain CLIP
+    run is DeCLIP with every head off), on device, resumed if a checkpoint is given."""
+    overrides = dict(vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+                     patch_dropout=args.patch_dropout, tome_r=args.tome_r)
+    if args.image_size:
+        overrides["image_resolution"] = args.image_size
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
+    try:
+        clip = create_model(args.model, image=args.pretrained_image, text=args.pretrained_text,
+                            **overrides)
+        if args.grad_checkpointing:  # recompute each block's activations in backward
+            clip.set_grad_checkpointing(True)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--model/--pretrained-*/--grad-checkpointing: {e}") from None
+    if checkpoint is not None and checkpoint["model_config"] != clip.config:
+        raise SystemExit(f"--resume: the checkpoint holds another architecture "
+                         f"({checkpoint['args'].get('model')}); use the same --model and flags")
+    args.context_length = clip.context_length  # the captions' token length (build_loader)
+    if args.queue_size is None:
+        args.queue_size = default_queue_size(total, args.batch_size * world, n_train)
+    if args.loss == "siglip" and args.logit_bias_init is None:
+        args.logit_bias_init = -math.log(args.batch_size * world)  # prior: 1 positive in N
+    model = DeCLIP(clip, alpha=args.alpha, beta=args.beta, gamma=args.gamma, mvs=args.mvs,
+                   ss=args.ss, nns=args.nns, loss=args.loss, queue_size=args.queue_size,
+                   mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                   sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id, mlm_pass=args.mlm_pass,
+                   logit_scale_init=args.logit_scale_init,
+                   logit_bias_init=args.logit_bias_init).to(device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    for side in ("image", "text"):
+        if getattr(args, f"lock_{side}"):
+            lock_tower(model, side)
+    return model
 
 
-def clip_gradients(parameters, max_norm=None):
-    """The gradients' global L2 norm, which is the step's finite check, and clipping to max_norm
-    with it if given. clip_grad_norm_ would also multiply every gradient by 1 when there is no
-    --grad-clip: that second pass over the gradients is skipped. No host sync here."""
-    parameters = [p for p in parameters if p.grad is not None]
-    if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm or float("inf"))
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    if max_norm:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-    return norm
+def wrap_model(model, args, device, world):
+    """SyncBatchNorm across GPUs, channels-last, DDP, torch.compile. Returns (the model to call,
+    the memory format of its images); `model` stays the unwrapped module (checkpoints, eval)."""
+    if world > 1 and device.type == "cuda":  # a ResNet tower's BatchNorm sees the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # ResNet towers: channels-last (NHWC) is the layout tensor cores, and oneDNN on CPUs, convolve
+    # without transposes (CPU, tiny-rn: 1.3x the step in fp32, 1.5x in bf16; docs/speed.md); the
+    # images are moved to the device in the same layout.
+    if args.channels_last is None:
+        args.channels_last = not hasattr(model.clip.visual, "transformer")
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    model = model.to(memory_format=memory_format)
+    if dist.is_initialized():  # torchrun, even with one process (the GPU check's smoke run)
+        # broadcast_buffers=False: the NN queue is identical on every rank by construction (it is
+        # fed the gathered batch) and SimSiam's BatchNorm is synchronised, so there is nothing
+        # to broadcast, and broadcasting a 64K x D queue every step would cost real time.
+        with warnings.catch_warnings():  # torch >= 2.14 renames the flag; 2.2 only knows this name
+            warnings.simplefilter("ignore", FutureWarning)
+            model = DistributedDataParallel(model, broadcast_buffers=False, device_ids=[
+                device.index] if device.type == "cuda" else None)
+    if args.compile:  # off by default: minutes of compilation pay off only in long runs
+        model = torch.compile(model)
+    return model, memory_format
 
 
-# ----------------------------------------------------------------------------- logs
+def build_optimizer(model, args, device, checkpoint):
+    """AdamW over optim.param_groups (no decay on norms, biases, logit scale/bias; a peak lr per
+    tower), the fp16 GradScaler (a no-op otherwise) and the autocast context."""
+    groups = param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr)
+    # one fused kernel for the whole update on CUDA; multi-tensor (foreach) ops elsewhere
+    fused = (dict(fused=True, foreach=None) if device.type == "cuda"
+             else dict(fused=None, foreach=True))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, **fused)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:  # not the kernel choice of the machine it came from
+            group.update(fused)
+        scaler.load_state_dict(checkpoint["scaler"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16"
+                              else torch.float16, enabled=args.precision != "fp32")
+    return optimizer, scaler, autocast
 
-def log_line(record, total, eta_seconds):
-    """One plain line for logs that are files (SLURM, nohup), where tqdm prints nothing: the
-    total loss, then its terms (those switched off, exactly 0, are left out)."""
-    skip = {"total", "step", "epoch", "lr", "samples_per_s", "bad_steps", "skipped_samples"}
-    terms = " ".join([f"total {record['total']:.4f}"] + [f"{k} {v:.4f}" for k, v in
-                                                          record.items() if k not in skip and v])
-    line = (f"step {record['step']}/{total} | {terms} | lr {record['lr']:.3g} | "
-            f"{record['samples_per_s']:.1f} samples/s | ETA "
-            f"{datetime.timedelta(seconds=round(eta_seconds))}")
-    extra = [f"{record[k]} {k.replace('_', ' ')}" for k in ("bad_steps", "skipped_samples")
-             if record.get(k)]
-    return line + "".join(f" | {e}" for e in extra)
+
+# ----------------------------------------------------------------------------- one step
+
+def train_step(model, ddp, batch, optimizer, scaler, autocast, bad, step, args):
+    """One step of Eq. 2 on the global batch (DDP averages the gradients): lr, forward, backward,
+    clip, AdamW, push the queue, clamp the logit scale. Returns the loss terms, as tensors: the
+    finite check is the step's one host sync."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, args.total_steps, args.warmup, group["base_lr"])
+    bad.snapshot()
+    with autocast:
+        loss, terms = ddp(batch["image"], batch.get("image_aug"), batch["ids"],
+                          batch.get("ids_aug"), push=False)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    # DDP made the gradients identical on every rank, so every rank takes the same decision.
+    finite = bool(torch.isfinite(clip_gradients(model.parameters(), args.grad_clip)))
+    if finite:
+        scaler.step(optimizer)
+        model.push_queue()  # the NN queue only ever holds features of good steps
+    bad.record(finite, step)
+    scaler.update()
+    clamp_logit_scale_(model.clip.logit_scale)
+    return {k: v.detach().float() for k, v in terms.items()}
+
+
+def to_device(batch, device, memory_format):
+    """The batch on the device, images in the model's memory format; n_skipped stays behind."""
+    return {k: v.to(device, non_blocking=True,
+                    memory_format=memory_format if v.dim() == 4 else torch.preserve_format)
+            for k, v in batch.items() if k != "n_skipped"}
+
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def checkpoint_state(model, optimizer, scaler, merges, tokenizer, args, step):
+    """What --resume needs (weights, queue, optimizer, step), and what factory.load_checkpoint
+    reads to rebuild the CLIP alone (state_dict, model_config, the tokenizer)."""
+    return {"state_dict": model.clip.state_dict(), "model_config": model.clip.config,
+            "merges": merges, "tokenizer": args.pretrained_text and tokenizer_state(
+                args.pretrained_text, tokenizer),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step,
+            "epoch": step // args.steps_per_epoch, "batch_in_epoch": step % args.steps_per_epoch,
+            "args": vars(args)}
 
 
-def same_architecture(saved, current):
-    """Do two model configs describe one architecture? Configs written before the tower contract
-    carry image_tower=None / text_tower=None for OpenAI's towers; today those keys are absent."""
-    def norm(config):
-        return {k: v for k, v in config.items() if not (k.endswith("_tower") and v is None)}
-    return norm(saved) == norm(current)
+def save_checkpoint(path, state, rank=0, world=1):
+    """Rank 0 writes to a temporary file, then renames: a kill mid-write never leaves a broken
+    checkpoint. The other ranks wait for it."""
+    if rank == 0:
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    if world > 1:
+        dist.barrier()
 
 
 def load_resume(args):
@@ -436,260 +498,61 @@ def load_resume(args):
                          f"delete it or resume from another file") from None
 
 
-# ----------------------------------------------------------------------------- main loop
+# ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
+    """Set up, build, train (a loop of train_step with logs, evaluations and checkpoints),
+    evaluate. Returns the final zero-shot result (rank 0; {} on the other ranks)."""
     args = get_args(argv)
-    rank, world, device = setup_distributed(args)
-    is_main = rank == 0
-    if args.precision is None:
-        args.precision = default_precision(device)
-    if args.precision == "fp16" and device.type != "cuda":
-        raise SystemExit("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on CPU")
+    rank, world, device = setup_distributed(args.device)
+    choose_precision(args, device)
     checkpoint = load_resume(args)
-
-    # data and vocabulary
     base = build_base(args)
     tokenizer, merges = build_tokenizer(args, base, checkpoint)
-
-    # model
-    overrides = dict(vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
-                     patch_dropout=args.patch_dropout, tome_r=args.tome_r)
-    if args.image_size:
-        overrides["image_resolution"] = args.image_size
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    try:
-        clip = create_model(args.model, image=args.pretrained_image, text=args.pretrained_text,
-                            **overrides)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--model/--pretrained-*: {e}") from None
-    if args.grad_checkpointing:  # recompute each block's activations in backward: less memory
-        try:
-            clip.set_grad_checkpointing(True)
-        except ValueError as e:
-            raise SystemExit(f"--grad-checkpointing: {e}") from None
-    if checkpoint is not None and not same_architecture(checkpoint["model_config"], clip.config):
-        raise SystemExit(f"--resume: the checkpoint holds another architecture "
-                         f"({checkpoint['args'].get('model')}); use the same --model and flags")
-    args.context_length = clip.context_length
-    image_size = clip.visual.input_resolution
-    steps_per_epoch = len(base) // (args.batch_size * world)
-    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
-    if args.queue_size is None:
-        args.queue_size = default_queue_size(total, args.batch_size * world, len(base))
-    if args.loss == "siglip" and args.logit_bias_init is None:
-        args.logit_bias_init = -math.log(args.batch_size * world)  # prior: 1 positive in N
-    model = DeCLIP(clip, alpha=args.alpha, beta=args.beta, gamma=args.gamma, mvs=args.mvs,
-                   ss=args.ss, nns=args.nns, loss=args.loss, queue_size=args.queue_size,
-                   mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                   sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id, mlm_pass=args.mlm_pass,
-                   logit_scale_init=args.logit_scale_init,
-                   logit_bias_init=args.logit_bias_init).to(device)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    for side in ("image", "text"):
-        if getattr(args, f"lock_{side}"):
-            lock_tower(model, side)
-    if world > 1 and device.type == "cuda":  # a ResNet tower's BatchNorm sees the global batch
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # ResNet towers: channels-last (NHWC) is the layout tensor cores, and oneDNN on CPUs, convolve
-    # without transposes (CPU, tiny-rn: 1.3x the step in fp32, 1.5x in bf16; bench.py); the
-    # images are moved to the device in the same layout.
-    if args.channels_last is None:
-        args.channels_last = not hasattr(model.clip.visual, "transformer")
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    if args.channels_last:
-        model = model.to(memory_format=memory_format)
-    if dist.is_initialized():  # torchrun, even with one process (the GPU check's smoke run)
-        # broadcast_buffers=False: the NN queue is identical on every rank by construction (it is
-        # fed the gathered batch) and SimSiam's BatchNorm is synchronised, so there is nothing
-        # to broadcast, and broadcasting a 64K x D queue every step would cost real time.
-        with warnings.catch_warnings():  # torch >= 2.14 renames the flag; 2.2 only knows this name
-            warnings.simplefilter("ignore", FutureWarning)
-            ddp = DistributedDataParallel(model, broadcast_buffers=False, device_ids=[
-                device.index] if device.type == "cuda" else None)
-    else:
-        ddp = model
-    if args.compile:  # off by default: minutes of compilation pay off only in long runs
-        ddp = torch.compile(ddp)
-
+    args.steps_per_epoch = len(base) // (args.batch_size * world)
+    args.total_steps = args.steps if args.steps is not None else args.epochs * args.steps_per_epoch
+    model = build_declip(args, tokenizer, args.total_steps, len(base), world, device, checkpoint)
+    ddp, memory_format = wrap_model(model, args, device, world)
+    optimizer, scaler, autocast = build_optimizer(model, args, device, checkpoint)
     step = 0 if checkpoint is None else checkpoint["step"]
-    dataset, sampler, loader = build_loader(args, base, tokenizer, image_size, rank, world, total,
-                                            step)
-    zeroshot = zeroshot_set(args, image_size) if is_main else None
-    # AdamW; no decay on norms, biases, logit scale/bias; per-tower peak lr (pretrained.py)
-    groups = param_groups(model, args.lr, args.wd, args.image_lr, args.text_lr)
-    # one fused kernel for the whole update on CUDA; multi-tensor (foreach) ops elsewhere
-    fused = (dict(fused=True, foreach=None) if device.type == "cuda"
-             else dict(fused=None, foreach=True))
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, **fused)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in optimizer.param_groups:  # not the kernel choice of the machine it came from
-            group.update(fused)
-        scaler.load_state_dict(checkpoint["scaler"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16"
-                              else torch.float16, enabled=args.precision != "fp32")
+    image_size = model.clip.visual.input_resolution
+    _, _, loader = build_loader(args, base, tokenizer, image_size, rank, world, args.total_steps,
+                                step)
+    zeroshot = zeroshot_set(args, image_size) if rank == 0 else None
+    log = RunLog(args, model, base, world, step) if rank == 0 else None
+    state = functools.partial(checkpoint_state, model, optimizer, scaler, merges, tokenizer, args)
 
-    log = None
-    if is_main:
-        os.makedirs(args.output, exist_ok=True)
-        log = open(os.path.join(args.output, "log.jsonl"), "a")
-        n_params = sum(p.numel() for p in model.parameters())
-        with open(os.path.join(args.output, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1, sort_keys=True)
-        pairs = f" ({len(base):,} pairs)" if args.data == "builtin" else ""
-        print(f"{args.method} {args.model} ({n_params / 1e6:.1f}M params) on {args.data}{pairs}, "
-              f"{world} x {args.batch_size} per step, {total} steps, {device}, {args.precision}"
-              + (f", resumed at step {step}" if step else "")
-              + f"; every argument: {os.path.join(args.output, 'args.json')}")
-
-    def checkpoint_state():
-        return {"state_dict": model.clip.state_dict(), "model_config": model.clip.config,
-                "merges": merges, "tokenizer": args.pretrained_text and tokenizer_state(
-                    args.pretrained_text, tokenizer),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                "batch_in_epoch": step % steps_per_epoch, "args": vars(args)}
-
-    progress = None
-    if is_main:
-        from tqdm import tqdm
-        progress = tqdm(total=total, initial=step, dynamic_ncols=True, disable=None)
-    bad_in_a_row, n_bad, n_skipped = 0, 0, 0
-    sums, t_log, n_log = {}, time.time(), 0
-    # BatchNorm running statistics (a ResNet tower, SimSiam's heads): restored after a bad step
-    bn_stats = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("running_")]
-    bn_before = [torch.empty_like(b) for b in bn_stats]  # filled in place: no allocation a step
+    bad, terms, n_skipped = BadSteps(model, args.max_bad_steps), [], 0
     train_mode(model)  # model.train(), but locked BatchNorms stay frozen
-    first_step, t_start = step, time.perf_counter()
+    t_start = time.perf_counter()
     for batch in loader:
         seed_step(args.seed, rank, step)
-        lr = lr_at(step, total, args.warmup, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, args.warmup, group["base_lr"])
-        n_skipped += batch.pop("n_skipped")  # unreadable samples, replaced by data.ImageText
-        batch = {k: v.to(device, non_blocking=True,
-                         memory_format=memory_format if v.dim() == 4 else torch.preserve_format)
-                 for k, v in batch.items()}
-        if bn_stats:
-            torch._foreach_copy_(bn_before, bn_stats)
-        with autocast:
-            loss, terms = ddp(batch["image"], batch.get("image_aug"), batch["ids"],
-                              batch.get("ids_aug"), push=False)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        # DDP made the gradients identical on every rank, so every rank takes the same decision.
-        grad_norm = clip_gradients(model.parameters(), args.grad_clip)
-        finite = bool(torch.isfinite(grad_norm))  # the one host sync of the step
-        if finite:
-            scaler.step(optimizer)
-            model.push_queue()  # the NN queue only ever holds features of good steps
-            bad_in_a_row = 0
-        else:
-            torch._foreach_copy_(bn_stats, bn_before)  # undo what the forward changed
-            n_bad += 1
-            bad_in_a_row += 1
-            if bad_in_a_row >= args.max_bad_steps:
-                raise SystemExit(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
-                                 f"lower --lr, set --grad-clip, or use --precision bf16/fp32; "
-                                 f"the last good checkpoint is kept")
-        scaler.update()
-        clamp_logit_scale_(model.clip.logit_scale)
+        n_skipped += batch["n_skipped"]  # unreadable samples, replaced by data.ImageText
+        batch = to_device(batch, device, memory_format)
+        terms.append(train_step(model, ddp, batch, optimizer, scaler, autocast, bad, step, args))
         step += 1
-
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        n_log += 1
-        if step % args.log_every == 0 or step == total:
-            record = {k: round(float(v) / n_log, 5) for k, v in sums.items()}
-            skipped = torch.tensor(n_skipped)
-            if world > 1:  # every rank skips its own samples
-                dist.all_reduce(skipped)
-            dt = time.time() - t_log
-            record.update(step=step, epoch=(step - 1) // steps_per_epoch, lr=lr,
-                          samples_per_s=round(n_log * args.batch_size * world / dt, 1),
-                          bad_steps=n_bad, skipped_samples=int(skipped))
-            sums, t_log, n_log = {}, time.time(), 0
-            if is_main:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                progress.set_postfix(loss=record.get("total"), sps=record["samples_per_s"],
-                                     lr=f"{lr:.2e}")
-                if not sys.stdout.isatty():  # SLURM, nohup: tqdm is silent, print a line
-                    seconds = time.perf_counter() - t_start
-                    eta = seconds / (step - first_step) * (total - step)
-                    print(log_line(record, total, eta), flush=True)
-        if is_main:
-            progress.update(1)
-        if args.eval_every and step % args.eval_every == 0 and step < total:
+        if step % args.log_every == 0 or step == args.total_steps:
+            skipped = all_ranks_sum(n_skipped, world)
+            if log:
+                log.steps(step, len(terms), terms, bad.total, skipped)
+            terms = []
+        if log:
+            log.bar.update(1)
+        if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate(model.clip, tokenizer, args, device, rank, world, step, log, zeroshot)
             train_mode(model)
-        if step % args.save_every == 0 or step == total:
-            if is_main:
-                save_checkpoint(os.path.join(args.output, "checkpoint.pt"), checkpoint_state())
-            if world > 1:
-                dist.barrier()
-        if args.crash_at_step is not None and step == args.crash_at_step:
-            marker = os.path.join(args.output, f".crashed-{rank}")
-            if rank == world - 1 and not os.path.exists(marker):
-                open(marker, "w").close()
-                os._exit(13)  # simulate a worker killed mid-run (fault-tolerance test)
+        if step % args.save_every == 0 or step == args.total_steps:
+            save_checkpoint(os.path.join(args.output, "checkpoint.pt"), state(step), rank, world)
     train_seconds = time.perf_counter() - t_start
-    if is_main:
-        progress.close()
     if world > 1:
         assert_replicas_agree(model)
     result = evaluate(model.clip, tokenizer, args, device, rank, world, step, log, zeroshot)
-    if is_main:
-        trained = (step - first_step) * args.batch_size * world  # 0 when resuming a finished run
-        result["samples_per_s"] = trained / train_seconds if trained else 0.0
-        result["train_seconds"] = train_seconds
-        log.write(json.dumps({"step": step, "final": result}) + "\n")
-        log.close()
-        where = (f"the built-in eval split ({args.eval_size} images)" if zeroshot is None
-                 else f"{args.zeroshot} ({result['n']} images)")
-        print(f"zero-shot {eval_zeroshot.format_result(result)}  on {where} after {step} steps "
-              f"({result['samples_per_s']:.0f} samples/s, {train_seconds:.0f} s training)")
-        files = [("checkpoint", "checkpoint.pt"), ("log", "log.jsonl")]
-        if plot_accuracy(os.path.join(args.output, "log.jsonl"),
-                         os.path.join(args.output, "accuracy.png")):
-            files.append(("accuracy over the run", "accuracy.png"))
-        print(" | ".join(f"{what}: {os.path.join(args.output, name)}" for what, name in files))
-        if args.preset == "demo" and args.method == "declip":
-            print(f"for contrast, CLIP: the same command with --method clip (at the defaults, "
-                  f"seed 0: {DEMO_CLIP_TOP1} top-1, measured; DeCLIP {DEMO_DECLIP_TOP1})")
+    if log:
+        log.finish(result, step, train_seconds, footer=DEMO_FOOTER if args.preset == "demo"
+                   and args.method == "declip" else None)
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
-
-
-def plot_accuracy(log_path, png_path):
-    """accuracy.png: zero-shot top-1 (and colour / shape on the built-in data) at every
-    evaluation in log.jsonl; False if fewer than two evaluations."""
-    from charts import line_chart
-    with open(log_path) as f:
-        evals = [r for r in map(json.loads, f) if r.get("zeroshot")]
-    if len(evals) < 2:
-        return False
-    keys = [("top-1", "top1"), ("colour", "colour"), ("shape", "shape")]
-    series = {name: [(r["step"], r["zeroshot"][k]) for r in evals if k in r["zeroshot"]]
-              for name, k in keys}
-    line_chart({k: v for k, v in series.items() if v}, png_path,
-               "Zero-shot accuracy during training", x_label="step", y_label="%", y_scale=100,
-               y_max=100)
-    return True
-
-
-def assert_replicas_agree(model):
-    """Every rank must hold the same weights after training (DDP's promise): checked once."""
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])  # (P,)
-    gathered = [torch.empty_like(checksum) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, checksum)
-    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
-        raise SystemExit("the ranks' weights diverged: DDP did not synchronise the gradients")
 
 
 def zeroshot_set(args, image_size):
@@ -717,8 +580,7 @@ def evaluate(clip, tokenizer, args, device, rank, world, step, log, zeroshot=Non
         result = eval_zeroshot.evaluate_builtin(clip, tokenizer, n=args.eval_size, device=device,
                                                 seed=args.data_seed)
     if log is not None:
-        log.write(json.dumps({"step": step, "zeroshot": result}) + "\n")
-        log.flush()
+        log.write({"step": step, "zeroshot": result})
     if world > 1:
         dist.barrier()
     return result

@@ -3,17 +3,17 @@
     view = DeclipView(224)             # crop 0.2-1, colour jitter, grayscale, blur, flip
     x = view(pil_image)                # (3, 224, 224), normalised
     params = view.sample(pil_image)    # or the random draws alone,
-    x = view.apply(pil_image, params)  # then their application (data.label_visible uses both)
+    x = view.apply(pil_image, params)  # then their application (builtin_data.label_visible)
     x = clip_image_transform(224)(pil_image)   # CLIP's mild crop; eval_transform(224): no crop
 
 DeclipView draws what torchvision's transforms draw, and applies it 4x cheaper than torchvision on
-PIL images (`apply_torchvision`, kept as the reference): the crop is resized by torch's uint8
-bicubic (PIL's filter; 1-2 levels of 255 apart in ~1% of the pixels, rounding), the colour jitter
-runs in float on a tensor with the formulas of torchvision's tensor backend, and the blur is a
-separable Gaussian (torchvision's kernel less the taps beyond 4 sigma: < 0.07 levels). The views
-are thus 1.0-1.3 levels a pixel away from torchvision's PIL path on average, which is how far
-torchvision's own PIL and tensor backends are from each other (its PIL path rounds to 8 bits
-after every op and shifts hue in 8-bit HSV); tests/test_data.py measures all three gaps.
+PIL images: the crop is resized by torch's uint8 bicubic (PIL's filter; 1-2 levels of 255 apart in
+~1% of the pixels, rounding), the colour jitter runs in float on a tensor with the formulas of
+torchvision's tensor backend, and the blur is a separable Gaussian (torchvision's kernel less the
+taps beyond 4 sigma: < 0.07 levels). The views are thus 1.0-1.3 levels a pixel away from
+torchvision's PIL path on average, which is how far torchvision's own PIL and tensor backends are
+from each other (its PIL path rounds to 8 bits after every op and shifts hue in 8-bit HSV);
+tests/test_data.py measures all three gaps against torchvision's ops.
 
 Shapes: S view side. A view: PIL image -> (3, S, S) float, normalised with OpenAI's mean and std.
 
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -50,8 +49,8 @@ def resized_crop(image, crop, size):
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
-def luma(x):
-    """(3, H, W) -> (1, H, W)."""
+def grayscale(x):
+    """(3, H, W) -> (1, H, W): each pixel's luma, torchvision's rgb_to_grayscale."""
     r, g, b = x.unbind(0)
     l = (r * GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
     return l[None]
@@ -69,7 +68,7 @@ def adjust_contrast(x, factor):
 
 def adjust_saturation(x, factor):
     """Towards (factor < 1) or away from each pixel's luma."""
-    return torch.lerp(luma(x), x, factor, out=x).clamp_(0, 255)
+    return torch.lerp(grayscale(x), x, factor, out=x).clamp_(0, 255)
 
 
 def adjust_hue(x, shift):
@@ -137,10 +136,9 @@ class DeclipView:
     SimCLR's p = 0.5, and scale sigma and the kernel (23 px at 224, ~10% of the side) with the
     image side, so a 64 px image is blurred as much, relative to its content, as a 224 px photo.
     The random draws (`sample`) are kept apart from their application (`apply`) so that a test
-    can ask what a view did to the label (data.label_visible). Draws use torch's global
-    RNG, which ImageText reseeds per sample. `apply` is the fast path (see the module's
-    docstring: 4x cheaper per core, within rounding of torchvision's float formulas);
-    `apply_torchvision` applies the same draws with torchvision's ops on PIL images.
+    can ask what a view did to the label (builtin_data.label_visible). Draws use torch's global
+    RNG, which data.ImageText reseeds per sample. `apply` is the fast path (see the module's
+    docstring: 4x cheaper per core, within rounding of torchvision's float formulas).
     """
 
     def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
@@ -181,37 +179,13 @@ class DeclipView:
             for k in map(int, order):
                 x = adjust[k](x, float(factors[k]))
         if params["gray"]:
-            x = luma(x)                                                    # (1, S, S)
+            x = grayscale(x)                                               # (1, S, S)
         if params["sigma"] is not None:
             x = gaussian_blur(x, params["sigma"], self.kernel)
         return (x - MEAN_255).div_(STD_255)                                # (3, S, S)
 
-    def apply_torchvision(self, image, params):
-        """The reference: torchvision's ops on PIL images (4x slower; tests and bench.py)."""
-        image = TF.resized_crop(image, *params["crop"], [self.size, self.size],
-                                T.InterpolationMode.BICUBIC)
-        if params["jitter"] is not None:
-            order, brightness, contrast, saturation, hue = params["jitter"]
-            adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation,
-                      TF.adjust_hue)
-            factors = (brightness, contrast, saturation, hue)
-            for k in map(int, order):
-                image = adjust[k](image, factors[k])
-        if params["gray"]:
-            image = TF.rgb_to_grayscale(image, num_output_channels=3)
-        if params["sigma"] is not None:
-            image = TF.gaussian_blur(image, [self.kernel] * 2, [params["sigma"]] * 2)
-        if params["flip"]:
-            image = TF.hflip(image)
-        return TF.normalize(TF.to_tensor(image), OPENAI_MEAN, OPENAI_STD)
-
     def __call__(self, image):
         return self.apply(image, self.sample(image))
-
-
-def declip_image_transform(size, flip=True):
-    """DeCLIP's image view at `size` px (see DeclipView)."""
-    return DeclipView(size, flip=flip)
 
 
 def clip_image_transform(size):

@@ -9,10 +9,10 @@ from PIL import Image, ImageDraw
 import pytest
 import torch
 
-import data
 import views
 import builtin_data
-from builtin_data import COLOURS, SHAPES, SyntheticCaptions, nearest_colour, plural
+from builtin_data import (COLOURS, SHAPES, SyntheticCaptions, label_visible, nearest_colour,
+                          plural)
 
 
 def _digest(image):
@@ -123,12 +123,12 @@ def test_the_label_survives_declip_views():
     the eval split: the colour survives unless the view is grayscale (p = 0.2, inherent to the
     recipe: white and black survive it), the shape survives a 0.2-scale crop in >= 90%."""
     ds = SyntheticCaptions("eval", size=400)
-    view = views.declip_image_transform(64)
+    view = views.DeclipView(64)
     torch.manual_seed(0)
     shown, gray = [], []
     for i in range(len(ds)):
         params = view.sample(ds[i][0])
-        shown.append(data.label_visible(ds, i, view, params))
+        shown.append(label_visible(ds, i, view, params))
         gray.append(params["gray"])
     shown, gray = np.array(shown), np.array(gray)                  # (n, 2), (n,)
     colour, shape = shown.mean(0)
@@ -137,11 +137,11 @@ def test_the_label_survives_declip_views():
     assert shown[~gray, 0].mean() >= 0.95 and colour >= 0.75 and shape >= 0.9
     # the measure can fail: tiny crops lose the shape, and a grayscale view every colour hue
     tiny = views.DeclipView(64, scale=(0.02, 0.03))
-    lost = np.array([data.label_visible(ds, i, tiny) for i in range(60)])
+    lost = np.array([label_visible(ds, i, tiny) for i in range(60)])
     assert lost[:, 1].mean() < 0.5
     hued = dict(crop=(0, 0, 64, 64), jitter=None, gray=True, sigma=None, flip=False)
     chromatic = [i for i in range(40) if COLOURS[ds.scene(i)["colour"]][0] is not None]
-    assert not any(data.label_visible(ds, i, view, hued)[0] for i in chromatic)
+    assert not any(label_visible(ds, i, view, hued)[0] for i in chromatic)
 
 
 def test_any_image_size_and_speed():

@@ -1,4 +1,5 @@
-"""Tests for clip.py: presets, OpenAI/OpenCLIP equivalence, checkpoints, pooling, masking."""
+"""Tests for clip.py and factory.py: presets, OpenAI/OpenCLIP equivalence, checkpoints,
+pooling, masking, composition."""
 import ast
 import copy
 import math
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip
+import factory
 
 # OpenAI's models as counted by open_clip (vocab 49408); verified against open_clip 3.3.0.
 OPENAI_PARAMS = {"RN50": 102_007_137, "RN101": 119_688_033, "ViT-B-32": 151_277_313,
@@ -41,10 +43,10 @@ def randomize_(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("name", list(clip.PRESETS))
+@pytest.mark.parametrize("name", list(factory.PRESETS))
 def test_presets_shapes_and_param_counts(name):
     with torch.device("meta"):  # shapes without allocating weights
-        model = clip.create_model(name, vocab_size=49408)
+        model = factory.create_model(name, vocab_size=49408)
         r, n_ctx = model.visual.input_resolution, model.context_length
         z_img = model.encode_image(torch.empty(2, 3, r, r))
         ids = torch.zeros(2, n_ctx, dtype=torch.long)
@@ -53,12 +55,12 @@ def test_presets_shapes_and_param_counts(name):
     assert z_img.shape == z_txt.shape == (2, D) and tokens.shape == (2, n_ctx, W)
     if name in OPENAI_PARAMS:
         assert sum(p.numel() for p in model.parameters()) == OPENAI_PARAMS[name]
-    assert clip.PRESETS[name]["act"] == ("gelu" if name in ("ViT-S-16", "tiny", "tiny-rn")
+    assert factory.PRESETS[name]["act"] == ("gelu" if name in ("ViT-S-16", "tiny", "tiny-rn")
                                          else "quick_gelu")
 
 
 def test_tiny_preset_and_logit_scale():
-    model = clip.create_model("tiny")
+    model = factory.create_model("tiny")
     assert model.vocab_size == 49409 and len(model.visual.transformer.resblocks) == 3
     assert model.visual.transformer.resblocks[0].attn.heads == 4
     assert model.logit_scale.shape == ()
@@ -66,11 +68,11 @@ def test_tiny_preset_and_logit_scale():
     z_img, z_txt, scale = model(torch.randn(2, 3, 64, 64), text_ids(2, 32, vocab=49408))
     assert z_img.norm(dim=-1).allclose(torch.ones(2)) and z_txt.norm(dim=-1).allclose(torch.ones(2))
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
-    rebuilt = clip.from_config(model.config)
+    rebuilt = clip.build_clip(model.config)
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.config == model.config
     with pytest.raises(ValueError, match="unknown model 'ViT-X'"):
-        clip.create_model("ViT-X")
+        factory.create_model("ViT-X")
 
 
 # ------------------------------------------------------------------------ open_clip equivalence
@@ -89,7 +91,7 @@ def _open_clip_small(resnet, quick_gelu=True):
 def test_matches_open_clip_small(resnet, act):
     ref = _open_clip_small(resnet, quick_gelu=act == "quick_gelu")
     extra = {} if resnet else dict(vision_heads=4)  # head width 16: OpenAI's width / 64 rule fails
-    ours = clip.build_model(ref.state_dict(), act=act, eot_id=99, **extra)
+    ours = factory.build_model(ref.state_dict(), act=act, eot_id=99, **extra)
     images, ids = torch.randn(2, 3, 64, 64), text_ids(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(images), ref.encode_image(images),
@@ -97,7 +99,7 @@ def test_matches_open_clip_small(resnet, act):
         torch.testing.assert_close(ours.encode_text(ids), ref.encode_text(ids),
                                    atol=1e-5, rtol=1e-5)
     if act == "quick_gelu":  # the wrong activation must be visible, or this test proves nothing
-        wrong = clip.build_model(ref.state_dict(), act="gelu", eot_id=99, **extra)
+        wrong = factory.build_model(ref.state_dict(), act="gelu", eot_id=99, **extra)
         assert not torch.allclose(wrong.encode_text(ids), ref.encode_text(ids), atol=1e-4)
 
 
@@ -108,14 +110,14 @@ def test_matches_open_clip_full(name):
     ref = open_clip.create_model(name, pretrained=None, force_quick_gelu=True).eval()
     sd = ref.state_dict()
     with torch.device("meta"):
-        preset = clip.create_model(name, vocab_size=49408)
+        preset = factory.create_model(name, vocab_size=49408)
     expected = {k: v.shape for k, v in preset.state_dict().items()}
     assert {k: v.shape for k, v in sd.items()} == expected  # OpenAI's names and shapes
     with torch.no_grad():  # bn3 weights start at zero: make every residual branch count
         for k, v in sd.items():
             if k.endswith("bn3.weight"):
                 v.normal_(0, 0.2)
-    ours = clip.build_model(sd)
+    ours = factory.build_model(sd)
     assert ours.config["vision_layers"] == ((3, 4, 6, 3) if name == "RN50" else 12)
     assert ours.config["act"] == "quick_gelu" and ours.vocab_size == 49408
     images, ids = torch.randn(2, 3, 224, 224), text_ids(2, 77, vocab=49408)
@@ -130,7 +132,7 @@ def test_matches_open_clip_full(name):
 
 @pytest.fixture(scope="module")
 def small_vit():
-    return randomize_(clip.create_model("tiny", **SMALL)).eval()
+    return randomize_(factory.create_model("tiny", **SMALL)).eval()
 
 
 def _outputs(model):
@@ -152,19 +154,19 @@ def test_load_checkpoint_formats(small_vit, tmp_path):
         # plain and OpenCLIP dicts carry no config: OpenAI's rules give 2 heads, so say 4
         extra = {} if "model_config" in obj else dict(transformer_heads=4, vision_heads=4,
                                                       act="gelu", eot_id=99)
-        model = clip.load_checkpoint(tmp_path / f"{i}.pt", **extra)
+        model = factory.load_checkpoint(tmp_path / f"{i}.pt", **extra)
         assert not model.training and model.logit_scale.shape == ()
         for a, b in zip(_outputs(model), expected):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
     # OpenAI's rules alone (heads = width / 64) load the weights but compute something else
-    assert not torch.allclose(_outputs(clip.load_checkpoint(tmp_path / "2.pt", eot_id=99))[1],
-                              expected[1], atol=1e-3)
+    openai_rules = factory.load_checkpoint(tmp_path / "2.pt", eot_id=99)
+    assert not torch.allclose(_outputs(openai_rules)[1], expected[1], atol=1e-3)
 
 
 def test_load_torchscript_archive(small_vit, tmp_path):
     """An OpenAI-style JIT archive: traced model, same names, plus three metadata buffers."""
     expected = _outputs(small_vit)
-    model = clip.from_config(small_vit.config).eval()
+    model = clip.build_clip(small_vit.config).eval()
     model.load_state_dict(small_vit.state_dict())
     for k, v in (("input_resolution", 64), ("context_length", 32), ("vocab_size", 100)):
         model.__dict__.pop(k, None)  # plain attributes in our model; tensors in OpenAI's archives
@@ -173,14 +175,14 @@ def test_load_torchscript_archive(small_vit, tmp_path):
         traced = torch.jit.trace(model, (torch.randn(2, 3, 64, 64), text_ids(2, 32)),
                                  check_trace=False)
     torch.jit.save(traced, tmp_path / "jit.pt")
-    loaded = clip.load_checkpoint(tmp_path / "jit.pt", transformer_heads=4, vision_heads=4,
+    loaded = factory.load_checkpoint(tmp_path / "jit.pt", transformer_heads=4, vision_heads=4,
                                   act="gelu", eot_id=99)
     for a, b in zip(_outputs(loaded), expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_build_model_extends_vocab(small_vit):
-    model = clip.build_model(small_vit.state_dict(), vocab_size=101, transformer_heads=4,
+    model = factory.build_model(small_vit.state_dict(), vocab_size=101, transformer_heads=4,
                              vision_heads=4, act="gelu", eot_id=99)
     emb = model.token_embedding.weight
     assert emb.shape[0] == 101 and torch.equal(emb[:100], small_vit.token_embedding.weight)
@@ -196,20 +198,20 @@ def _error(fn, *args, **kwargs):
 
 
 def test_errors_are_one_clear_line(small_vit, tmp_path):
-    assert "no such checkpoint file" in _error(clip.load_checkpoint, tmp_path / "missing.pt")
+    assert "no such checkpoint file" in _error(factory.load_checkpoint, tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert "cannot read the checkpoint" in _error(clip.load_checkpoint, tmp_path / "junk.pt")
+    assert "cannot read the checkpoint" in _error(factory.load_checkpoint, tmp_path / "junk.pt")
     torch.save({"fc.weight": torch.zeros(3), "conv1.weight": torch.zeros(3)}, tmp_path / "rn.pt")
-    assert "not a CLIP model" in _error(clip.load_checkpoint, tmp_path / "rn.pt")
+    assert "not a CLIP model" in _error(factory.load_checkpoint, tmp_path / "rn.pt")
     sd = dict(small_vit.state_dict())
     sd.pop("ln_final.bias")
     sd["visual.extra"] = torch.zeros(1)
-    msg = _error(clip.build_model, sd, eot_id=99)
+    msg = _error(factory.build_model, sd, eot_id=99)
     assert "1 missing keys (ln_final.bias)" in msg and "1 unexpected keys (visual.extra)" in msg
     sd = {**small_vit.state_dict(), "text_projection": torch.zeros(128, 64)}
     torch.save({"state_dict": sd, "model_config": small_vit.config}, tmp_path / "shape.pt")
-    assert "text_projection (128, 64) vs (128, 128)" in _error(clip.load_checkpoint,
-                                                               tmp_path / "shape.pt")
+    assert "text_projection (128, 64) vs (128, 128)" in _error(factory.load_checkpoint,
+                                                                tmp_path / "shape.pt")
     assert "context_length is 32" in _error(small_vit.encode_text, text_ids(1, 40))
 
 
@@ -219,7 +221,7 @@ def test_eot_pooling_by_equality(small_vit):
     ids = torch.tensor([[98, 5, 7, 99, 0, 0, 0, 0],     # EOT at 3
                         [98, 5, 100, 8, 99, 0, 0, 0],   # a mask-like id (> EOT) before EOT at 4
                         [98, 99, 6, 99, 0, 0, 0, 0]])  # two EOTs: the first one counts
-    model = clip.from_config({**small_vit.config, "vocab_size": 101})  # 100 plays DeCLIP's mask id
+    model = clip.build_clip({**small_vit.config, "vocab_size": 101})  # 100 plays DeCLIP's mask id
     with torch.no_grad():
         z, tokens = model.encode_text(ids, return_tokens=True)
         manual = tokens[torch.arange(3), torch.tensor([3, 4, 1])] @ model.text_projection
@@ -271,7 +273,7 @@ def test_patch_dropout_keeps_random_patches(N, p):
 
 
 def test_patch_dropout_in_model(small_vit):
-    model = clip.from_config({**small_vit.config, "patch_dropout": 0.5})
+    model = clip.build_clip({**small_vit.config, "patch_dropout": 0.5})
     model.load_state_dict(small_vit.state_dict())
     images = torch.randn(2, 3, 64, 64)
     seen = []
@@ -282,7 +284,7 @@ def test_patch_dropout_in_model(small_vit):
         a, b = model.train().encode_image(images), model.encode_image(images)
     assert seen == [65, 33, 33] and not torch.allclose(a, b)
     with pytest.raises(ValueError, match="patch_dropout"):
-        clip.create_model("RN50", patch_dropout=0.5)
+        factory.create_model("RN50", patch_dropout=0.5)
 
 
 def test_attention_hook_is_proportional_attention():
@@ -324,7 +326,7 @@ def test_attention_plain_path_in_bf16_is_sdpa():
 
 
 def test_resnet_init_and_train_step():
-    model = clip.from_config(dict(
+    model = clip.build_clip(dict(
         embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
         vision_patch_size=None, context_length=8, vocab_size=100, transformer_width=32,
         transformer_heads=2, transformer_layers=1, eot_id=99))
@@ -336,7 +338,7 @@ def test_resnet_init_and_train_step():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast(small_vit, dtype):
-    model = clip.from_config({**small_vit.config, "patch_dropout": 0.5})
+    model = clip.build_clip({**small_vit.config, "patch_dropout": 0.5})
     model.load_state_dict(small_vit.state_dict())
     images, ids = torch.randn(2, 3, 64, 64), text_ids(2, 32)
     with torch.autocast("cpu", dtype=dtype):
@@ -378,7 +380,7 @@ def _rebuild_mean_text(config):
 
 
 def test_module_text_tower_keeps_the_contract():
-    embed_dim, vision, _ = clip.split_config(clip.PRESETS["tiny"])
+    embed_dim, vision, _ = clip.split_config(factory.PRESETS["tiny"])
     torch.manual_seed(0)
     text = MeanText()
     model = clip.CLIP(embed_dim, vision, text).eval()
@@ -394,10 +396,10 @@ def test_module_text_tower_keeps_the_contract():
         torch.testing.assert_close(z, text(ids)[:, 0] @ model.text_projection)  # position 0
         z_img, z_txt, _ = model(torch.randn(3, 3, 64, 64), ids)
     assert z_img.shape == z_txt.shape == (3, embed_dim)
-    # config rebuilds it, given the builder of its kind (pretrained.build_tower in the project)
-    msg = _error(clip.from_config, model.config)
+    # config rebuilds it, given the builder of its kind (factory.build_tower in the project)
+    msg = _error(clip.build_clip, model.config)
     assert "'mean-text', built outside clip.py" in msg
-    rebuilt = clip.from_config(model.config, _rebuild_mean_text).eval()
+    rebuilt = clip.build_clip(model.config, _rebuild_mean_text).eval()
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.config == model.config
     with torch.no_grad():
@@ -409,21 +411,21 @@ def test_module_text_tower_keeps_the_contract():
 
 
 def test_composition_errors_are_one_line():
-    embed_dim, vision, text = clip.split_config(clip.PRESETS["tiny"])
-    assert "unknown CLIP setting vision_depth" in _error(clip.create_model, "tiny",
-                                                         vision_depth=3)
+    embed_dim, vision, text = clip.split_config(factory.PRESETS["tiny"])
+    assert "unknown CLIP setting vision_depth" in _error(factory.create_model, "tiny",
+                                                            vision_depth=3)
     assert "maps to 128 dimensions but embed_dim is 64" in _error(
         clip.CLIP, 64, clip.build_image_tower(128, **vision), text)
     assert "share one act" in _error(clip.CLIP, embed_dim, {**vision, "act": "quick_gelu"}, text)
     assert "lacks width, context_length, vocab_size, config" in _error(
         clip.CLIP, embed_dim, vision, nn.Embedding(10, 4))
-    assert "older config" in _error(clip.from_config, {**clip.PRESETS["tiny"],
-                                                       "text_tower": "bert"})
+    assert "older config" in _error(clip.build_clip, {**factory.PRESETS["tiny"],
+                                                      "text_tower": "bert"})
 
 
 def test_clip_needs_torch_only_and_files_import_no_cycle():
     """clip.py imports torch and the standard library (ToMe's file only inside the ToMe path);
-    no files of the project import each other, even lazily inside a function."""
+    no files of the project import each other, even lazily inside a function; one factory."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     project = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
     graph, top_level = {}, {}
@@ -437,8 +439,18 @@ def test_clip_needs_torch_only_and_files_import_no_cycle():
                                          if isinstance(n, ast.ImportFrom) and n.module}
         graph[name] = imported(ast.walk(tree)) & project
         top_level[name] = imported(tree.body)
-    assert top_level["clip"] <= {"contextlib", "math", "os", "zipfile", "collections", "torch"}
+    assert top_level["clip"] <= {"contextlib", "math", "collections", "torch"}
     assert graph["clip"] == {"tome"} and graph["tome"] == set()
+    # factory.py: clip.py at import; the towers' files (bert, xlmr) only when a tower is asked for
+    assert top_level["factory"] & project == {"clip"}
+    defined = {}  # model-making functions: one definition each in the project, all in factory.py
+    for name in project:
+        with open(os.path.join(root, name + ".py"), encoding="utf-8") as f:
+            for node in ast.parse(f.read()).body:
+                if isinstance(node, ast.FunctionDef):
+                    defined.setdefault(node.name, []).append(name)
+    for fn in ("create_model", "from_config", "load_checkpoint"):
+        assert defined[fn] == ["factory"], (fn, defined[fn])
     done, path = set(), []
 
     def visit(name):  # depth-first search; a name on the current path again is a cycle
@@ -472,13 +484,12 @@ def _grads_and_buffers(model, images, ids):
 def test_grad_checkpointing_changes_nothing_but_memory(name, overrides):
     """Same loss, gradients (1e-6) and BatchNorm statistics with activation checkpointing; and
     it really checkpoints: autograd keeps fewer tensors for backward."""
-    import pretrained
     torch.manual_seed(0)
-    config = {**clip.PRESETS[name], "vocab_size": 300, "transformer_layers": 2,
+    config = {**factory.PRESETS[name], "vocab_size": 300, "transformer_layers": 2,
               "transformer_width": 32, "image_resolution": 32, **overrides}
     if "image_tower" in config:
         config["image_tower"] = {**config["image_tower"], "input_resolution": 32}
-    plain = pretrained.from_config(config).train()
+    plain = factory.from_config(config).train()
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
     images, ids = torch.randn(4, 3, 32, 32), torch.randint(1, 298, (4, 12))
@@ -508,9 +519,9 @@ def test_grad_checkpointing_compiles():
     """torch.compile traces checkpointed blocks (no context_fn inside a compiled graph) and
     gives the eager gradients and BatchNorm statistics."""
     torch.manual_seed(0)
-    config = {**clip.PRESETS["tiny-rn"], "vocab_size": 300, "transformer_layers": 1,
+    config = {**factory.PRESETS["tiny-rn"], "vocab_size": 300, "transformer_layers": 1,
               "transformer_width": 32, "image_resolution": 32}
-    model = clip.from_config(config).train()
+    model = clip.build_clip(config).train()
     model.set_grad_checkpointing(True)
     eager = copy.deepcopy(model)
     images = torch.randn(4, 3, 32, 32)

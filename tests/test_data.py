@@ -1,4 +1,4 @@
-"""Tests for data.py: the built-in data, CSV/TSV, img2dataset shards, the views and collate."""
+"""Tests for data.py, shards.py and views.py: CSV/TSV, img2dataset shards, the views, collate."""
 import functools
 import hashlib
 import io
@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 import data
+import shards
 import views
+from bench_data import torchvision_view  # the reference: torchvision's ops (experiments/)
 
 
 class CharTokenizer:
@@ -99,7 +101,7 @@ def test_csv_with_openclip_defaults_and_a_custom_separator(tmp_path):
     assert ds[0][1] == "red; wide" and ds[0][0].size == (20, 12)
 
 
-# ----------------------------------------------------------------------------- shards
+# ----------------------------------------------------------------------------- shards.py
 
 def _write_shard(path, members):
     with tarfile.open(path, "w") as tar:
@@ -126,7 +128,7 @@ def _make_shards(folder):
 
 def test_shards_map_style_skips_and_caches_the_index(tmp_path, monkeypatch, caplog):
     _make_shards(tmp_path)
-    ds = data.ShardDataset(str(tmp_path))
+    ds = shards.ShardDataset(str(tmp_path))
     assert len(ds) == 7
     assert isinstance(ds.indexes[0], np.memmap)  # the binary index beside the shard, mapped
     assert os.path.exists(tmp_path / "00000.tar.idx.npy")
@@ -143,48 +145,48 @@ def test_shards_map_style_skips_and_caches_the_index(tmp_path, monkeypatch, capl
     # a second open reads the cached index instead of scanning the tars again
     def no_scan(path):
         raise AssertionError(f"rescanned {path}")
-    monkeypatch.setattr(data, "_scan_shard", no_scan)
-    again = data.ShardDataset(str(tmp_path))
+    monkeypatch.setattr(shards, "_scan_shard", no_scan)
+    again = shards.ShardDataset(str(tmp_path))
     assert [again.row(i) for i in range(7)] == [ds.row(i) for i in range(7)]
     assert again[4][1] == caption
     # ... unless the shard changed
     scanned = []
-    monkeypatch.setattr(data, "_scan_shard", lambda p: scanned.append(p) or [])
+    monkeypatch.setattr(shards, "_scan_shard", lambda p: scanned.append(p) or [])
     with open(tmp_path / "00001.tar", "ab") as f:
         f.write(b"\0" * 512)
-    assert len(data.ShardDataset(str(tmp_path))) == 4 and scanned == [str(tmp_path / "00001.tar")]
+    assert len(shards.ShardDataset(str(tmp_path))) == 4 and scanned == [str(tmp_path / "00001.tar")]
 
 
 def test_shards_cut_download_and_read_only_folder(tmp_path, monkeypatch, caplog):
-    shards, cache = tmp_path / "shards", tmp_path / "cache"
-    shards.mkdir()
-    _make_shards(shards)
-    whole = (shards / "00000.tar").read_bytes()
-    (shards / "00000.tar").write_bytes(whole[:2565])  # cut inside 001.jpg's data
+    folder, cache = tmp_path / "shards", tmp_path / "cache"
+    folder.mkdir()
+    _make_shards(folder)
+    whole = (folder / "00000.tar").read_bytes()
+    (folder / "00000.tar").write_bytes(whole[:2565])  # cut inside 001.jpg's data
     replace = os.replace
 
     def read_only(src, dst):  # root ignores chmod: refuse the shard folder by hand
-        if os.path.dirname(dst) == str(shards):
+        if os.path.dirname(dst) == str(folder):
             raise PermissionError("read-only")
         replace(src, dst)
     monkeypatch.setattr(os, "replace", read_only)
     with caplog.at_level(logging.WARNING):
-        ds = data.ShardDataset(str(shards), index_dir=str(cache))
-    assert f"{shards} is not writable: shard indexes go to {cache}" in caplog.text
+        ds = shards.ShardDataset(str(folder), index_dir=str(cache))
+    assert f"{folder} is not writable: shard indexes go to {cache}" in caplog.text
     assert caplog.text.count("not writable") == 1  # once, not once per shard
     assert "cut at byte 2565" in caplog.text
-    assert sorted(f for f in os.listdir(shards)) == ["00000.tar", "00001.tar"]  # no index, no tmp
+    assert sorted(f for f in os.listdir(folder)) == ["00000.tar", "00001.tar"]  # no index, no tmp
     assert len(os.listdir(cache)) == 2 and isinstance(ds.indexes[1], np.memmap)
     assert len(ds) == 2 + 3 and ds[0][1] == "a red square"
     assert ds[1] is None  # the truncated member
-    scan, scans = data._scan_shard, []
-    monkeypatch.setattr(data, "_scan_shard", lambda p: scans.append(p))
-    assert len(data.ShardDataset(str(shards), index_dir=str(cache))) == 5 and not scans
+    scan, scans = shards._scan_shard, []
+    monkeypatch.setattr(shards, "_scan_shard", lambda p: scans.append(p))
+    assert len(shards.ShardDataset(str(folder), index_dir=str(cache))) == 5 and not scans
     # nowhere to write: kept in memory
-    monkeypatch.setattr(data, "_scan_shard", scan)
+    monkeypatch.setattr(shards, "_scan_shard", scan)
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError("ro")))
-    (shards / "00000.tar").write_bytes(whole)  # the download completed: the index is stale
-    ds = data.ShardDataset(str(shards), index_dir=str(cache))
+    (folder / "00000.tar").write_bytes(whole)  # the download completed: the index is stale
+    ds = shards.ShardDataset(str(folder), index_dir=str(cache))
     assert not isinstance(ds.indexes[0], np.memmap) and len(ds) == 4 + 3
 
 
@@ -192,11 +194,12 @@ def test_ranks_start_indexing_at_their_own_shards(tmp_path, monkeypatch):
     """Under torchrun, rank r of w indexes from shard r * K / w on; the samples keep their order."""
     for k in range(4):
         _write_shard(tmp_path / f"{k:05d}.tar", [(f"{k}.txt", f"caption {k}".encode())])
-    order, scan = [], data._scan_shard
-    monkeypatch.setattr(data, "_scan_shard", lambda p: order.append(os.path.basename(p)) or scan(p))
+    order, scan = [], shards._scan_shard
+    monkeypatch.setattr(shards, "_scan_shard",
+                        lambda p: order.append(os.path.basename(p)) or scan(p))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    ds = data.ShardDataset(str(tmp_path))
+    ds = shards.ShardDataset(str(tmp_path))
     assert order == ["00002.tar", "00003.tar", "00000.tar", "00001.tar"]
     assert [ds.caption(i) for i in range(len(ds))] == [f"caption {k}" for k in range(4)]
 
@@ -234,14 +237,14 @@ def test_shard_scan_reads_every_tar_flavour(tmp_path, fmt, folder):
                 sub.type = tarfile.DIRTYPE
                 tar.addfile(sub)
                 tar.addfile(tarfile.TarInfo(f"{folder}other.cls"), io.BytesIO())
-    rows = [tuple(r) for r in data._scan_shard(str(path)).tolist()]
+    rows = [tuple(r) for r in shards._scan_shard(str(path)).tolist()]
     assert rows == _reference_rows(path) and len(rows) == 20
     # garbage in place of a header: the samples before it are kept
     raw = bytearray(path.read_bytes())
     at = rows[10][0] - 512  # the header of sample 10's image
     raw[at:at + 512] = bytes(range(256)) * 2
     path.write_bytes(bytes(raw))
-    assert [tuple(r) for r in data._scan_shard(str(path)).tolist()] == rows[:10]
+    assert [tuple(r) for r in shards._scan_shard(str(path)).tolist()] == rows[:10]
 
 
 def test_shard_index_costs_no_private_memory_per_sample(tmp_path, monkeypatch):
@@ -255,9 +258,9 @@ def test_shard_index_costs_no_private_memory_per_sample(tmp_path, monkeypatch):
                 info = tarfile.TarInfo(f"{i:06d}.{ext}")
                 info.size = 1
                 tar.addfile(info, io.BytesIO(b"x"))
-    assert len(data.ShardDataset(str(tmp_path))) == n  # builds the index
+    assert len(shards.ShardDataset(str(tmp_path))) == n  # builds the index
     tracemalloc.start()
-    ds = data.ShardDataset(str(tmp_path))
+    ds = shards.ShardDataset(str(tmp_path))
     ds.row(n - 1)
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
@@ -267,9 +270,9 @@ def test_shard_index_costs_no_private_memory_per_sample(tmp_path, monkeypatch):
     clone = pickle.loads(pickle.dumps(ds))
     assert isinstance(clone.indexes[0], np.memmap) and [clone.row(i) for i in
                                                          range(0, n, 97)] == rows
-    monkeypatch.setattr(data, "MAX_OPEN_SHARDS", 1)  # reads across shards close old files
+    monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 1)  # reads across shards close old files
     _make_shards(tmp_path)
-    ds = data.ShardDataset(str(tmp_path))
+    ds = shards.ShardDataset(str(tmp_path))
     assert [ds.caption(i) for i in (7, 0, 4, 8)] == ["x", "a red square",  # big.tar is last
                                                      "a blue caf\u00e9 sign", "x"]
     assert len(ds._files) == 1
@@ -279,22 +282,22 @@ def test_shard_index_costs_no_private_memory_per_sample(tmp_path, monkeypatch):
 
 def test_transform_sizes_and_constants():
     image = Image.new("RGB", (100, 80), (255, 255, 255))
-    for make in (views.eval_transform, views.clip_image_transform, views.declip_image_transform):
+    for make in (views.eval_transform, views.clip_image_transform, views.DeclipView):
         assert make(64)(image).shape == (3, 64, 64)
     white = views.eval_transform(32)(image)[:, 0, 0]
     mean, std = torch.tensor(views.OPENAI_MEAN), torch.tensor(views.OPENAI_STD)
     assert torch.allclose(white, (1 - mean) / std)
     # Appendix B's blur at 224 px; scaled with the side, so 64 px gets 2/7 of it
-    view = views.declip_image_transform(224)
+    view = views.DeclipView(224)
     assert view.kernel == 23 and view.sigma == pytest.approx((0.1, 2.0))
-    view = views.declip_image_transform(64)
+    view = views.DeclipView(64)
     assert view.kernel == 7 and view.sigma == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
 
 
 def test_declip_view_applies_what_it_sampled():
     """sample() then apply() is the view; an identity draw gives the eval transform's pixels."""
     image = data.SyntheticCaptions(size=1)[0][0]
-    view = views.declip_image_transform(64)
+    view = views.DeclipView(64)
     torch.manual_seed(3)
     x = view(image)
     torch.manual_seed(3)
@@ -306,25 +309,6 @@ def test_declip_view_applies_what_it_sampled():
                           gray[2] * views.OPENAI_STD[2] + views.OPENAI_MEAN[2], atol=1e-6)
     flipped = view.apply(image, dict(identity, flip=True))
     assert torch.equal(flipped, view.apply(image, identity).flip(-1))
-
-
-def _torchvision_float_view(view, image, params):
-    """DeCLIP's view with torchvision's tensor ops in float, no 8-bit step: the formulas that
-    DeclipView.apply implements, after the same resized crop."""
-    from torchvision.transforms import functional as TF
-    x = views.resized_crop(image, params["crop"], view.size).float() / 255
-    if params["jitter"] is not None:
-        order, *factors = params["jitter"]
-        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-        for k in map(int, order):
-            x = adjust[k](x, factors[k])
-    if params["gray"]:
-        x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    if params["sigma"] is not None:
-        x = TF.gaussian_blur(x, [view.kernel] * 2, [params["sigma"]] * 2)
-    if params["flip"]:
-        x = TF.hflip(x)
-    return TF.normalize(x, views.OPENAI_MEAN, views.OPENAI_STD)
 
 
 def _photo(seed, side=160):
@@ -346,7 +330,7 @@ def test_fast_views_match_torchvision(one_thread):
     them). The rest (float tensor ops, separable blur) against torchvision's own tensor ops in
     float after that crop: the blur leaves out the taps beyond 4 sigma (6.3e-5 of the kernel's
     weight, so at most 2 passes x 2 x 255 x 6.3e-5 = 0.065 levels); measured 0.011 (0.03 at
-    224 px), bound 0.1. Against the old path (torchvision on PIL images, `apply_torchvision`):
+    224 px), bound 0.1. Against the old path (torchvision on PIL images, bench_data.torchvision_view):
     1.0 levels a pixel on average (1.3 on 224 px views of photos),
     which is the gap between torchvision's two backends (its PIL ops round to 8 bits after every
     op and shift hue in PIL's 8-bit HSV): the fast views are as far from the old ones as
@@ -367,8 +351,8 @@ def test_fast_views_match_torchvision(one_thread):
                 crop_gap.append((views.resized_crop(image, params["crop"], size).float()
                                  - pil.float()).abs())
                 fast = view.apply(image, params)
-                ref = _torchvision_float_view(view, image, params)
-                old = view.apply_torchvision(image, params)
+                ref = torchvision_view(view, image, params, pil=False)
+                old = torchvision_view(view, image, params)
                 worst = max(worst, float(((fast - ref) * std).abs().max()))
                 to_old.append(float(((fast - old) * std).abs().mean()))
                 ref_to_old.append(float(((ref - old) * std).abs().mean()))
@@ -383,7 +367,7 @@ def test_fast_views_match_torchvision(one_thread):
     off = dict(hue, jitter=(torch.tensor([3, 0, 1, 2]), 1.0, 1.0, 1.0, 0.06))
     blur, blur_off = dict(base, sigma=1.2), dict(base, sigma=1.32)
     for a, b in ((hue, off), (blur, blur_off)):
-        gap = ((view.apply(image, a) - _torchvision_float_view(view, image, b)) * std).abs()
+        gap = ((view.apply(image, a) - torchvision_view(view, image, b, pil=False)) * std).abs()
         assert gap.max() > 0.5
 
 
@@ -432,7 +416,7 @@ def test_declip_view_crops_keep_the_given_aspect_ratios():
 
 def test_image_text_views_are_a_function_of_seed_epoch_index(text_aug):
     base = data.SyntheticCaptions(size=50)
-    make = lambda seed: data.ImageText(base, views.declip_image_transform(64), views=2,
+    make = lambda seed: data.ImageText(base, views.DeclipView(64), views=2,
                                        text_aug=text_aug, seed=seed)
     a, b = make(0), make(0)
     torch.manual_seed(123)
@@ -446,7 +430,7 @@ def test_image_text_views_are_a_function_of_seed_epoch_index(text_aug):
     assert not torch.equal(x["image"], x["image_aug"])
     b.set_epoch(1)
     assert not torch.equal(b[7]["image"], x["image"])
-    # the epoch can come with the index instead (train.StepSampler): the same sample
+    # the epoch can come with the index instead (data.StepSampler): the same sample
     assert torch.equal(a[(1, 7)]["image"], b[7]["image"]) and a[(1, 7)]["text"] == b[7]["text"]
     assert torch.equal(a[(0, 7)]["image_aug"], x["image_aug"])
     assert not torch.equal(make(1)[7]["image"], x["image"])
@@ -471,10 +455,11 @@ def test_unusable_samples_are_replaced_deterministically(tmp_path):
     """Batches keep their size (DDP all-gathers them): a bad sample is swapped for another one
     chosen from (seed, epoch, index), the same on every run, and counted."""
     _make_shards(tmp_path)
-    base = data.ShardDataset(str(tmp_path))
+    base = shards.ShardDataset(str(tmp_path))
     bad = [i for i in range(len(base)) if base[i] is None]
     ds = data.ImageText(base, views.clip_image_transform(16), seed=3)
-    again = data.ImageText(data.ShardDataset(str(tmp_path)), views.clip_image_transform(16), seed=3)
+    again = data.ImageText(shards.ShardDataset(str(tmp_path)), views.clip_image_transform(16),
+                           seed=3)
     for i in bad:
         x, y = ds[i], again[i]
         assert x["n_skipped"] >= 1 and x["text"] and torch.equal(x["image"], y["image"])
@@ -484,7 +469,7 @@ def test_unusable_samples_are_replaced_deterministically(tmp_path):
 
 def test_loader_batches_do_not_depend_on_worker_count(tmp_path, tokenizer, text_aug):
     _make_shards(tmp_path)
-    ds = data.ImageText(data.ShardDataset(str(tmp_path)), views.declip_image_transform(16),
+    ds = data.ImageText(shards.ShardDataset(str(tmp_path)), views.DeclipView(16),
                         views=2, text_aug=text_aug, seed=5)
     ds.set_epoch(2)
     ds[0]  # opens a file in this process: workers must not reuse the handle
@@ -517,3 +502,19 @@ def test_build_dataset_resolves_names_and_explains_missing_cc3m(tmp_path):
             data.build_dataset("cc3m", data_root=root)
         message = str(err.value)
         assert "\n" not in message and "img2dataset --url_list" in message and "cc3m" in message
+
+
+def test_sampler_spans_epochs_resumes_anywhere_and_splits_ranks():
+    """50 samples, batch 4, 2 ranks: 6 steps an epoch. One iterator covers the whole run, each
+    index tagged with its epoch, and one started at step k yields exactly the rest of it."""
+    full = list(data.StepSampler(50, 4, rank=0, world=2, seed=1, total_steps=12))
+    other = list(data.StepSampler(50, 4, rank=1, world=2, seed=1, total_steps=12))
+    assert len(full) == len(other) == 12 * 4
+    assert [e for e, _ in full] == [0] * 24 + [1] * 24
+    epoch0, epoch1 = [i for e, i in full if e == 0], [i for e, i in full if e == 1]
+    assert len(set(epoch0)) == 24 and not set(epoch0) & {i for e, i in other if e == 0}
+    assert epoch0 != epoch1  # a new permutation each epoch
+    for start in (2, 6, 7):  # mid-epoch, at the boundary, just after it
+        late = data.StepSampler(50, 4, rank=0, world=2, seed=1, total_steps=12,
+                                start_step=start)
+        assert list(late) == full[start * 4:] and len(late) == len(full) - start * 4

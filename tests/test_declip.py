@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from clip import create_model
+from factory import create_model
 from declip import DeCLIP, mask_tokens
 from dist_utils import run_in_processes
 from losses import clip_loss, simsiam_loss, siglip_loss

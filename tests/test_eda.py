@@ -316,7 +316,8 @@ def test_missing_table_is_a_clear_error(tmp_path):
 
 def load_build_tool():
     spec = importlib.util.spec_from_file_location("build_synonyms",
-                                                  os.path.join(ROOT, "tools", "build_synonyms.py"))
+                                                  os.path.join(ROOT, "experiments",
+                                                               "build_synonyms.py"))
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     return build
@@ -414,7 +415,8 @@ WORDNET_DIR = os.environ.get("WORDNET_DIR", "/usr/share/wordnet")
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(WORDNET_DIR, "cntlist.rev")),
-                    reason="no WordNet 3.0 files (set WORDNET_DIR; see tools/build_synonyms.py)")
+                    reason="no WordNet 3.0 files (set WORDNET_DIR; see "
+                           "experiments/build_synonyms.py)")
 def test_shipped_table_rebuilds_byte_identical(tmp_path):
     out = tmp_path / "synonyms.txt.gz"
     load_build_tool().main(["--wordnet", WORDNET_DIR, "--out", str(out)])

@@ -148,8 +148,12 @@ def test_missing_roots_give_one_line_errors(tmp_path):
     assert "\n" not in str(e.value) and "--data-root" in str(e.value) and "CIFAR100" in str(e.value)
     with pytest.raises(FileNotFoundError, match="ImageNet"):
         ez.imagenet_split(str(tmp_path / "nope"))
+    with pytest.raises(SystemExit, match="--checkpoint"):  # the loader's (factory.py) error
+        ez.main(["--checkpoint", str(tmp_path / "missing.pt"), "--dataset", "builtin"])
+    import factory
+
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
-        ez.load_model_and_tokenizer(str(tmp_path / "missing.pt"))
+        factory.load_model_and_tokenizer(str(tmp_path / "missing.pt"))
 
 
 def test_folder_dataset_and_classname_files(tmp_path):
@@ -168,18 +172,18 @@ def test_folder_dataset_and_classname_files(tmp_path):
 
 
 def test_evaluate_builtin_end_to_end(tmp_path):
-    import clip
+    import factory
     from tokenizer import Tokenizer
 
     torch.manual_seed(0)
-    model = clip.create_model("tiny").train()
+    model = factory.create_model("tiny").train()
     r = ez.evaluate_builtin(model, Tokenizer.openai(), n=96, batch_size=48)
     assert set(r) >= {"top1", "top5", "n"} and r["n"] == 96
     assert 0 <= r["top1"] <= r["top5"] <= 1
     assert model.training  # mode restored for the training loop
     # the CLI on one of our checkpoints (merges None -> OpenAI's BPE), with a JSON result;
     # a shallower model keeps this part fast
-    model = clip.create_model("tiny", vision_layers=1, transformer_layers=1, context_length=16)
+    model = factory.create_model("tiny", vision_layers=1, transformer_layers=1, context_length=16)
     path = tmp_path / "tiny.pt"
     torch.save({"state_dict": model.state_dict(), "model_config": model.config, "merges": None},
                path)

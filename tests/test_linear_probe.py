@@ -188,9 +188,10 @@ def test_results_table(tmp_path):
 def test_cli_builtin_end_to_end(tmp_path):
     import json
 
-    import clip
+    import factory
 
-    model = clip.create_model("tiny", vision_layers=1, transformer_layers=1, context_length=16)
+    model = factory.create_model("tiny", vision_layers=1, transformer_layers=1,
+                                 context_length=16)
     path = tmp_path / "tiny.pt"
     torch.save({"state_dict": model.state_dict(), "model_config": model.config, "merges": None},
                path)

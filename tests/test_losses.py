@@ -65,7 +65,7 @@ def test_siglip_loss_matches_hand_computation():
 
 
 def test_siglip_init_values():
-    # SPEC section 4: t = exp(t'), t' = log 10, b = -10 at initialisation
+    # SigLIP (Zhai et al. 2023, Sec. 3): t = exp(t'), t' = log 10, b = -10 at initialisation
     assert math.isclose(math.exp(SIGLIP_LOGIT_SCALE_INIT), 10.0)
     assert SIGLIP_LOGIT_BIAS_INIT == -10.0
     # Why b = -10: with orthogonal features every logit is b, so the B positives cost

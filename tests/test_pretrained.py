@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import bert
 import clip
+import factory
 import pretrained
 
 TEXT = dict(context_length=16, vocab_size=100, eot_id=99, transformer_width=32,
@@ -93,13 +94,13 @@ def test_dino_matches_reference(tmp_path, full_checkpoint):
         obj = {"teacher": {**{"backbone." + k: v for k, v in sd.items()},
                            "head.mlp.0.weight": torch.zeros(3, W)}, "epoch": torch.tensor(1)}
     torch.save(obj, tmp_path / "dino.pth")
-    model = pretrained.create_model("tiny", image=f"dino:{tmp_path / 'dino.pth'}", **DINO_VIT)
+    model = factory.create_model("tiny", image=f"dino:{tmp_path / 'dino.pth'}", **DINO_VIT)
     assert isinstance(model.visual.ln_pre, nn.Identity) and model.config["act"] == "gelu"
     images = torch.randn(2, 3, 32, 32)
     want = dino_reference(sd, images)
     torch.testing.assert_close(_features_before_proj(model, images), want, atol=1e-5, rtol=1e-5)
     # config rebuilds the architecture (OpenAI's ViT: clip.py alone); the state dict the model
-    rebuilt = clip.from_config(model.config)
+    rebuilt = clip.build_clip(model.config)
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(_features_before_proj(rebuilt, images), want, atol=1e-5, rtol=1e-5)
 
@@ -115,7 +116,7 @@ def test_dino_matches_timm(tmp_path):
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
     torch.save(ref.state_dict(), tmp_path / "timm.pth")
-    model = clip.create_model("tiny", vision_ln_pre=False, vision_ln_eps=1e-6, **DINO_VIT)
+    model = factory.create_model("tiny", vision_ln_pre=False, vision_ln_eps=1e-6, **DINO_VIT)
     pretrained.load_dino_(model.visual, tmp_path / "timm.pth")
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -126,21 +127,21 @@ def test_dino_matches_timm(tmp_path):
 def test_dino_resized_positions_and_errors(tmp_path):
     sd = dino_state_dict(grid=4)
     torch.save(sd, tmp_path / "dino.pth")
-    model = pretrained.create_model("tiny", image=f"dino:{tmp_path / 'dino.pth'}",
+    model = factory.create_model("tiny", image=f"dino:{tmp_path / 'dino.pth'}",
                                     **{**DINO_VIT, "image_resolution": 48})  # grid 6
     pos = model.visual.positional_embedding
     assert pos.shape == (37, W) and torch.equal(pos[0], sd["pos_embed"][0, 0])
     constant = torch.ones(1, 17, W)  # bicubic resizing keeps a constant field constant
     torch.testing.assert_close(pretrained._resize_positions(constant[0], 6), torch.ones(37, W))
     assert model.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, 16)
-    plain = clip.create_model("tiny", **DINO_VIT)  # with ln_pre: DINO does not fit
+    plain = factory.create_model("tiny", **DINO_VIT)  # with ln_pre: DINO does not fit
     assert "vision_ln_pre=False" in _message(pretrained.load_dino_, plain.visual,
                                              tmp_path / "dino.pth")
-    assert "no such file" in _message(pretrained.create_model, "tiny",
+    assert "no such file" in _message(factory.create_model, "tiny",
                                       image=f"dino:{tmp_path / 'missing.pth'}")
-    assert "expected one of dino:PATH" in _message(pretrained.create_model, "tiny",
+    assert "expected one of dino:PATH" in _message(factory.create_model, "tiny",
                                                    image="vit:x.pth")
-    msg = _message(pretrained.create_model, "tiny", image=f"dino:{tmp_path / 'dino.pth'}",
+    msg = _message(factory.create_model, "tiny", image=f"dino:{tmp_path / 'dino.pth'}",
                    **{**DINO_VIT, "vision_width": 64, "vision_heads": 4})
     assert "do not fit this VisionTransformer" in msg and "shape mismatches" in msg
 
@@ -238,7 +239,7 @@ def test_hf_vit_matches_reference(tmp_path, weights):
     else:  # ViTForImageClassification-style: "vit." prefixes and a classifier, all dropped
         torch.save({**{"vit." + k: v for k, v in sd.items()},
                     "classifier.weight": torch.zeros(3, HW)}, tmp_path / weights)
-    model = pretrained.create_model("ViT-S-16", image=f"hf-vit:{tmp_path}", image_resolution=32,
+    model = factory.create_model("ViT-S-16", image=f"hf-vit:{tmp_path}", image_resolution=32,
                                     embed_dim=HW, **TEXT).eval()
     assert model.config["vision_width"] == HW and model.config["vision_ln_eps"] == HEPS
     assert model.config["act"] == "gelu" and isinstance(model.visual.ln_pre, nn.Identity)
@@ -248,13 +249,13 @@ def test_hf_vit_matches_reference(tmp_path, weights):
     want = hf_vit_reference(sd, images)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), want, atol=1e-5, rtol=1e-5)
-    rebuilt = clip.from_config(model.config).eval()  # an OpenAI-layout ViT: clip.py rebuilds it
+    rebuilt = clip.build_clip(model.config).eval()  # an OpenAI-layout ViT: clip.py rebuilds it
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode_image(images), want, atol=1e-5, rtol=1e-5)
         model.visual.tome_r = 2  # ToMe and FLIP still run on it
         assert model.encode_image(images).shape == (2, HW)
-    flip = pretrained.create_model("ViT-S-16", image=f"hf-vit:{tmp_path}", image_resolution=48,
+    flip = factory.create_model("ViT-S-16", image=f"hf-vit:{tmp_path}", image_resolution=48,
                                    embed_dim=HW, patch_dropout=0.5, **TEXT)  # positions resized
     assert flip.visual.positional_embedding.shape == (37, HW)
     assert flip.train().encode_image(torch.randn(2, 3, 48, 48)).shape == (2, HW)
@@ -262,7 +263,7 @@ def test_hf_vit_matches_reference(tmp_path, weights):
 
 def test_hf_vit_errors_are_one_line(tmp_path):
     def create(folder, **kw):
-        return pretrained.create_model("ViT-S-16", image=f"hf-vit:{folder}", image_resolution=32,
+        return factory.create_model("ViT-S-16", image=f"hf-vit:{folder}", image_resolution=32,
                                        embed_dim=HW, **TEXT, **kw)
 
     assert "config.json: no such file" in _message(create, tmp_path / "missing")
@@ -296,7 +297,7 @@ def test_torchvision_resnet_tower(tmp_path):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     torch.save(ref.state_dict(), tmp_path / "resnet18-test.pth")
-    model = pretrained.create_model("RN50", image=f"tv-resnet18:{tmp_path / 'resnet18-test.pth'}",
+    model = factory.create_model("RN50", image=f"tv-resnet18:{tmp_path / 'resnet18-test.pth'}",
                                     image_resolution=64, embed_dim=16, **TEXT).eval()
     assert model.config["image_tower"]["kind"] == "tv-resnet18"
     assert model.visual.resnet.fc.out_features == 16
@@ -306,15 +307,15 @@ def test_torchvision_resnet_tower(tmp_path):
         torch.testing.assert_close(model.encode_image(images), ref.eval()(images))
     torch.save({"state_dict": model.state_dict(), "model_config": model.config},
                tmp_path / "ckpt.pt")  # what train.py writes; eval_zeroshot reads it back so
-    rebuilt = pretrained.load_checkpoint(tmp_path / "ckpt.pt")
+    rebuilt = factory.load_checkpoint(tmp_path / "ckpt.pt")
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode_image(images), ref(images))
-    assert "built outside clip.py" in _message(clip.load_checkpoint, tmp_path / "ckpt.pt")
+    assert "built outside clip.py" in _message(clip.build_clip, model.config)  # needs factory
     torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "bad.pth")
     assert "missing" in _message(pretrained.load_torchvision_resnet_, model.visual,
                                  tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="patch_dropout"):
-        pretrained.create_model("RN50", image=f"tv-resnet18:{tmp_path / 'resnet18-test.pth'}",
+        factory.create_model("RN50", image=f"tv-resnet18:{tmp_path / 'resnet18-test.pth'}",
                                 patch_dropout=0.5)
 
 
@@ -399,7 +400,7 @@ def bert_ids():
 
 
 def test_bert_matches_reference(bert_dir):
-    model = pretrained.create_model("tiny", text=f"bert:{bert_dir}", context_length=12,
+    model = factory.create_model("tiny", text=f"bert:{bert_dir}", context_length=12,
                                     eot_id=3)
     assert model.config["text_tower"]["kind"] == "bert" and model.vocab_size == BVOCAB
     assert not hasattr(model, "token_embedding") and not hasattr(model, "transformer")
@@ -417,14 +418,14 @@ def test_bert_matches_reference(bert_dir):
         changed = ids.clone()
         changed[0, 4] = 20
         assert not torch.allclose(model.encode_text(changed)[0], z[0], atol=1e-4)
-    rebuilt = pretrained.from_config(model.config).eval()
+    rebuilt = factory.from_config(model.config).eval()
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode_text(ids), z, atol=0, rtol=0)
-    assert "vocab_size=30" in _message(pretrained.create_model, "tiny", text=f"bert:{bert_dir}",
+    assert "vocab_size=30" in _message(factory.create_model, "tiny", text=f"bert:{bert_dir}",
                                        context_length=12, vocab_size=30)
     assert "positions BERT was trained with" in _message(
-        pretrained.create_model, "tiny", text=f"bert:{bert_dir}", context_length=77)
+        factory.create_model, "tiny", text=f"bert:{bert_dir}", context_length=77)
     assert "no BERT weights" in _message(bert.load_hf_bert, bert_dir / "nothing")
 
 
@@ -485,100 +486,3 @@ def test_wordpiece_batch_and_files(tmp_path):
     assert "no such vocabulary file" in _message(bert.WordPieceTokenizer.from_vocab,
                                                  tmp_path / "missing.txt")
     assert "[MASK]" in _message(bert.WordPieceTokenizer, VOCAB[:4])
-
-
-# ----------------------------------------------------------------------------- lock, groups
-
-def _small_resnet_clip():
-    return clip.from_config(dict(embed_dim=16, image_resolution=64, vision_layers=(1, 1, 1, 1),
-                                 vision_width=8, vision_patch_size=None, **TEXT))
-
-
-def test_lock_tower_freezes_body_and_batchnorm():
-    model = _small_resnet_clip()
-    pretrained.lock_tower(model, "image")
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in model.named_parameters()
-                      if n.startswith("visual.") and not n.startswith("visual.attnpool.c_proj.")}
-    pretrained.train_mode(model)
-    assert model.training and model.transformer.training
-    assert not model.visual.bn1.training and not model.visual.layer1[0].bn3.training
-    before = model.visual.bn1.running_mean.clone()
-    z_img, z_txt, scale = model(torch.randn(2, 3, 64, 64), torch.randint(1, 99, (2, 16)))
-    (scale * z_img @ z_txt.T).logsumexp(1).mean().backward()
-    assert torch.equal(model.visual.bn1.running_mean, before)  # statistics frozen
-    assert model.visual.conv1.weight.grad is None
-    assert model.visual.attnpool.c_proj.weight.grad is not None
-    text = _small_resnet_clip()
-    pretrained.lock_tower(text, "text", keep_proj=False)
-    frozen = {n for n, p in text.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in text.named_parameters()
-                      if not n.startswith("visual.") and n != "logit_scale"}
-
-
-def test_param_groups():
-    class Wrapper(nn.Module):  # like DeCLIP: a CLIP plus heads of its own
-        def __init__(self):
-            super().__init__()
-            self.clip = clip.create_model("tiny", **TEXT)
-            self.head = nn.Linear(16, 8)
-
-    model = Wrapper()
-    model.clip.visual.conv1.weight.requires_grad_(False)
-    groups = pretrained.param_groups(model, lr=1e-3, wd=0.1, image_lr=1e-4, text_lr=1e-5)
-    where = {id(p): g for g in groups for p in g["params"]}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert len(where) == len(trainable) == sum(len(g["params"]) for g in groups)
-    c = model.clip
-
-    def group(p):
-        g = where[id(p)]
-        return g["name"], g["lr"], g["weight_decay"]
-
-    assert id(c.visual.conv1.weight) not in where  # frozen: left out
-    assert group(c.visual.transformer.resblocks[0].mlp.c_fc.weight) == ("image/decay", 1e-4, 0.1)
-    assert group(c.visual.class_embedding) == ("image/no_decay", 1e-4, 0.0)
-    assert group(c.visual.ln_pre.weight) == ("image/no_decay", 1e-4, 0.0)
-    assert group(c.visual.proj) == ("other/decay", 1e-3, 0.1)  # projections: base lr
-    assert group(c.token_embedding.weight) == ("text/decay", 1e-5, 0.1)
-    assert group(c.transformer.resblocks[0].attn.in_proj_bias) == ("text/no_decay", 1e-5, 0.0)
-    assert group(c.positional_embedding) == ("text/decay", 1e-5, 0.1)
-    assert group(c.text_projection) == ("other/decay", 1e-3, 0.1)
-    assert group(c.logit_scale) == ("other/no_decay", 1e-3, 0.0)
-    assert group(model.head.weight) == ("other/decay", 1e-3, 0.1)
-    assert group(model.head.bias) == ("other/no_decay", 1e-3, 0.0)
-    assert all(g["base_lr"] == g["lr"] for g in groups)
-    torch.optim.AdamW(groups, lr=1e-3)  # a valid optimizer specification
-    embed_dim, vision, _ = clip.split_config(clip.PRESETS["tiny"])
-    bert_model = clip.CLIP(embed_dim, vision, bert.BertModel(BVOCAB, 16, BW, 1, BHEADS))
-    groups = pretrained.param_groups(bert_model, lr=1e-3, wd=0.1, text_lr=1e-5)
-    ln = bert_model.text.encoder.layer[0].output.LayerNorm.weight
-    assert any(ln is p for g in groups if g["name"] == "text/no_decay" for p in g["params"])
-    assert any(bert_model.text_projection is p for g in groups if g["name"] == "other/decay"
-               for p in g["params"])
-
-
-def test_image_tower_contract_projection_decides_the_body():
-    """A module image tower says which of its parameters map into the joint space: those train
-    at the base lr and stay unlocked; the rest is the body (locking, image_lr)."""
-    class PoolImage(nn.Module):
-        projection = ("head",)
-
-        def __init__(self):
-            super().__init__()
-            self.input_resolution, self.output_dim = 32, 16
-            self.config = dict(kind="pool-image")
-            self.stem = nn.Conv2d(3, 8, 4, stride=4)
-            self.head = nn.Linear(8, 16)
-
-        def forward(self, x):  # (B, 3, R, R) -> (B, D)
-            return self.head(self.stem(x).mean(dim=(2, 3)))
-
-    model = clip.CLIP(16, PoolImage(), {**TEXT, "act": "gelu"})
-    assert model.config["image_tower"] == {"kind": "pool-image"}
-    body = pretrained.tower_parameters(model, "image")
-    assert set(body) == {"visual.stem.weight", "visual.stem.bias"}
-    groups = {g["name"]: g for g in pretrained.param_groups(model, 1e-3, 0.1, image_lr=1e-4)}
-    assert any(p is model.visual.head.weight for p in groups["other/decay"]["params"])
-    pretrained.lock_tower(model, "image")
-    assert not model.visual.stem.weight.requires_grad and model.visual.head.weight.requires_grad

@@ -1,12 +1,14 @@
-"""clip.py against OpenCLIP's stored outputs for OpenAI-layout checkpoints, with no OpenCLIP needed.
+"""clip.py and factory.py against OpenCLIP's stored outputs for OpenAI-layout checkpoints, with
+no OpenCLIP needed.
 
-tests/data/openai_reference_{rn,vit}.pt (written by tools/make_reference.py) hold, for a small
-ModifiedResNet and a small ViT CLIP in OpenAI's checkpoint layout (QuickGELU, vocabulary 49408,
-EOT = the largest id): the key names and shapes, fixed images and OpenAI-tokenized captions, and
-the encode_image / encode_text outputs OpenCLIP computed in eval mode. The weights themselves
-are regenerated here by the tool's integer-hash recipe (exact on every machine), so the files
-stay ~160 kB. A user holding OpenAI's RN50.pt / ViT-B-32.pt takes the same path: build_model
-infers the architecture from shapes, load_checkpoint reads plain or TorchScript files.
+tests/data/openai_reference_{rn,vit}.pt (written by experiments/make_reference.py) hold, for a
+small ModifiedResNet and a small ViT CLIP in OpenAI's checkpoint layout (QuickGELU, vocabulary
+49408, EOT = the largest id): the key names and shapes, fixed images and OpenAI-tokenized
+captions, and the encode_image / encode_text outputs OpenCLIP computed in eval mode. The weights
+themselves are regenerated here by the tool's integer-hash recipe (exact on every machine), so
+the files stay ~160 kB. A user holding OpenAI's RN50.pt / ViT-B-32.pt takes the same path:
+factory.build_model infers the architecture from shapes, factory.load_checkpoint reads plain or
+TorchScript files.
 """
 import importlib.util
 import os
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import clip
+import factory
 import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,8 +30,9 @@ RTOL = 1e-5
 
 
 def _recipe():
-    """tools/make_reference.py, loaded by path (a top-level `tools` package may exist elsewhere)."""
-    path = os.path.join(ROOT, "tools", "make_reference.py")
+    """experiments/make_reference.py, loaded by path (an `experiments` package may exist
+    elsewhere)."""
+    path = os.path.join(ROOT, "experiments", "make_reference.py")
     spec = importlib.util.spec_from_file_location("declip_make_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # no side effects: imports and definitions only
@@ -91,7 +95,7 @@ def test_reference_inputs_are_openai_like(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_build_model_matches_openclip(arch):
     ref, sd = reference(arch)
-    model = clip.build_model(sd)
+    model = factory.build_model(sd)
     assert not model.training and model.config["act"] == "quick_gelu"
     assert model.config["vocab_size"] == 49408 and model.eot_id == 49407
     is_vit = arch == "vit"
@@ -131,16 +135,16 @@ def test_load_checkpoint_plain_and_torchscript(arch, tmp_path):
     ref, sd = reference(arch)
     plain = tmp_path / "plain.pt"
     torch.save(sd, plain)
-    assert_matches(clip.load_checkpoint(plain), ref)
+    assert_matches(factory.load_checkpoint(plain), ref)
 
     # OpenAI's released archives keep matrices in float16 (norms in float32): loading casts to
     # float32, so the result must equal the float32 model of the fp16-rounded weights
     half = {k: v.half() if v.is_floating_point() and v.dim() >= 2 else v for k, v in sd.items()}
     jit = tmp_path / "jit.pt"
     _torchscript_archive(half, jit, 64, 16, 49408)
-    model = clip.load_checkpoint(jit)
-    want = clip.build_model({k: v.float() if v.is_floating_point() else v
-                             for k, v in half.items()})
+    model = factory.load_checkpoint(jit)
+    want = factory.build_model({k: v.float() if v.is_floating_point() else v
+                                for k, v in half.items()})
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(ref["images"]),
                                    want.encode_image(ref["images"]), rtol=0, atol=0)
@@ -153,10 +157,10 @@ def test_load_checkpoint_plain_and_torchscript(arch, tmp_path):
 def test_reference_comparison_can_fail(arch, monkeypatch):
     """Negative controls: near-miss models must be told apart from OpenAI's by a wide margin."""
     ref, sd = reference(arch)
-    assert max(max_error(clip.build_model(sd), ref)) < RTOL
-    assert max_error(clip.build_model(sd, act="gelu"), ref)[1] > 100 * RTOL  # exact GELU
+    assert max(max_error(factory.build_model(sd), ref)) < RTOL
+    assert max_error(factory.build_model(sd, act="gelu"), ref)[1] > 100 * RTOL  # exact GELU
     monkeypatch.setattr(clip.QuickGELU, "forward", lambda self, x: x * torch.sigmoid(1.7 * x))
-    errors = max_error(clip.build_model(sd), ref)  # 1.7 instead of 1.702
+    errors = max_error(factory.build_model(sd), ref)  # 1.7 instead of 1.702
     assert errors[1] > 10 * RTOL and (arch == "rn" or errors[0] > 10 * RTOL)
 
 

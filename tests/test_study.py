@@ -1,6 +1,7 @@
-"""study.py: the aggregation and the verdicts against hand computations, the chart on fake
-numbers, and a smoke run of the whole pipeline (2 configs x 1 seed x 3 steps) including a re-run
-that must re-use the finished runs (train.py --resume auto) instead of training them again."""
+"""experiments/study.py: the aggregation and the verdicts against hand computations, the charts
+on fake numbers (a curve only with two data sizes or more), and a smoke run of the whole pipeline
+(2 configs x 1 seed x 3 steps) including a re-run that must re-use the finished runs
+(train.py --resume auto) instead of training them again."""
 import json
 import os
 import math
@@ -112,6 +113,25 @@ def test_curve_points_follow_the_numbers(tmp_path):
     assert Image.open(tmp_path / "curve.png").size == (760, 460)
 
 
+def test_a_curve_needs_two_data_sizes(tmp_path):
+    configs = _configs({"clip-2000": [0.2, 0.3], "clip_dview-2000": [0.3, 0.4],
+                        "declip-2000": [0.4, 0.5], "clip-all": [0.6, 0.6],
+                        "declip-all": [0.5, 0.7]})
+    # one size, its runs already bars of another row: no curve, no extra row
+    groups = {"views": ["clip-2000", "clip_dview-2000", "declip-2000"],
+              "curve": ["clip-2000", "declip-2000"]}
+    assert study.draw_figures(groups, configs, str(tmp_path), "") == ["study.png"]
+    assert not (tmp_path / "curve.png").exists()
+    assert Image.open(tmp_path / "study.png").height == 40 + 340 + 24  # one row
+    # one size that no other row shows: a bar row instead of a one-point curve
+    groups = {"views": groups["views"], "curve": ["clip-all", "declip-all"]}
+    assert study.draw_figures(groups, configs, str(tmp_path), "") == ["study.png"]
+    assert Image.open(tmp_path / "study.png").height == 40 + 2 * 340 + 24
+    # two sizes: the curve
+    groups = {"curve": ["clip-2000", "clip-all", "declip-2000", "declip-all"]}
+    assert study.draw_figures(groups, configs, str(tmp_path), "") == ["curve.png"]
+
+
 def test_smoke_study_and_rerun_reuses_runs(tmp_path):
     common = ["--quick", "--out", str(tmp_path), "--configs", "clip,declip", "--workers", "0"]
     report = study.main(common)
@@ -168,7 +188,9 @@ def test_regime_map_reads_finished_studies_and_gives_each_regime_its_verdict(tmp
                        "--out", str(tmp_path)])
     assert [(r["batch"], r["samples"]) for r in rows] == [(64, 128000), (256, 128000)]
     low, high = (r["claims"]["DeCLIP - CLIP"] for r in rows)
-    assert low["verdict"].startswith("reversed") and low["diff"]["mean"] == pytest.approx((-0.63 - 0.62 - 0.66) / 3)
-    assert high["verdict"].startswith("holds") and high["diff"]["mean"] == pytest.approx((0.36 + 0.18 + 0.38) / 3)
+    assert low["verdict"].startswith("reversed")
+    assert low["diff"]["mean"] == pytest.approx((-0.63 - 0.62 - 0.66) / 3)
+    assert high["verdict"].startswith("holds")
+    assert high["diff"]["mean"] == pytest.approx((0.36 + 0.18 + 0.38) / 3)
     text = (tmp_path / "regimes.md").read_text()
     assert "| 64 x 2,000 (128,000), 2,000 |" in text and "reversed (0/3 seeds agree)" in text

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import clip
+import factory
 import tome
 
 
@@ -130,10 +131,10 @@ def test_r_zero_is_exactly_unchanged(vit):
         torch.testing.assert_close(vit._tome_blocks(x, [0, 0, 0]), vit.transformer(x),
                                    atol=0, rtol=0)
     vit.tome_r = 0
-    model = clip.create_model("tiny", tome_r=4)
+    model = factory.create_model("tiny", tome_r=4)
     assert model.config["tome_r"] == 4 and model.visual.tome_r == 4
     with pytest.raises(ValueError, match="tome_r"):
-        clip.create_model("RN50", tome_r=4)
+        factory.create_model("RN50", tome_r=4)
 
 
 def test_proportional_attention_equals_duplicated_tokens(monkeypatch):
@@ -158,7 +159,7 @@ def test_proportional_attention_equals_duplicated_tokens(monkeypatch):
 
 
 def test_trains_with_gradients_and_autocast():
-    model = clip.create_model("tiny", vocab_size=100, eot_id=99, tome_r=8).train()
+    model = factory.create_model("tiny", vocab_size=100, eot_id=99, tome_r=8).train()
     images = torch.randn(4, 3, 64, 64)
     ids = torch.randint(1, 98, (4, 32))
     ids[:, 10] = 99

@@ -1,6 +1,6 @@
 """Tests for xlmr.py: XLM-R against a reference forward written out here, its tokenizer on
 hand-built Unigram vocabularies (tokenizer.json and a hand-encoded SentencePiece .model), the
-loaders' errors, and the study's towers (HF DINO + XLM-R) through train.py and eval_zeroshot.py."""
+loaders' errors, and the study's towers (HF DINO + XLM-R) through train.py and factory.py."""
 import json
 import math
 import struct
@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clip
-import pretrained
+import factory
 import xlmr
 from test_pretrained import (TEXT, hf_vit_config, hf_vit_state_dict, write_safetensors,
                              _message)
@@ -276,21 +275,21 @@ def test_xlmr_matches_reference(xlmr_dir):
 
 
 def test_xlmr_text_tower_in_clip(xlmr_dir):
-    model = pretrained.create_model("tiny", text=f"xlmr:{xlmr_dir}", context_length=10).eval()
+    model = factory.create_model("tiny", text=f"xlmr:{xlmr_dir}", context_length=10).eval()
     assert model.config["text_tower"]["kind"] == "xlmr" and model.vocab_size == len(VOCAB)
     want = xlmr_reference(xlmr_state_dict(), IDS)
     with torch.no_grad():
         z, tokens = model.encode_text(IDS, return_tokens=True)
         torch.testing.assert_close(z, want[:, 0] @ model.text_projection, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(z[2], want[2, 2] @ model.text_projection, atol=1e-3)  # not <s>'s
-    rebuilt = pretrained.from_config(model.config).eval()
+    rebuilt = factory.from_config(model.config).eval()
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode_text(IDS), z, atol=0, rtol=0)
-    tok = pretrained.load_tokenizer(f"xlmr:{xlmr_dir}")
+    tok = factory.load_tokenizer(f"xlmr:{xlmr_dir}")
     assert tok(["a photo of a cat"], 10).tolist() == [[0, 5, 13, 14, 5, 6, 2, 1, 1, 1]]
     assert "positions XLM-R was trained with" in _message(
-        pretrained.create_model, "tiny", text=f"xlmr:{xlmr_dir}", context_length=32)
+        factory.create_model, "tiny", text=f"xlmr:{xlmr_dir}", context_length=32)
 
 
 def test_xlmr_errors_are_one_line(tmp_path):
@@ -321,8 +320,8 @@ def test_declip_mlm_runs_on_xlmr_tokens(xlmr_dir):
     import declip
 
     torch.manual_seed(0)
-    model = pretrained.create_model("tiny", text=f"xlmr:{xlmr_dir}", context_length=10)
-    tok = pretrained.load_tokenizer(f"xlmr:{xlmr_dir}")
+    model = factory.create_model("tiny", text=f"xlmr:{xlmr_dir}", context_length=10)
+    tok = factory.load_tokenizer(f"xlmr:{xlmr_dir}")
     ids = tok(["a photo of a cat", "cats of a cat", "zzz"], 10)  # (3, 10)
     method = declip.DeCLIP(model, mvs=False, nns=False, mask_id=tok.mask_id,
                            vocab_size=tok.vocab_size, sot_id=tok.sot_id, eot_id=tok.eot_id)
@@ -346,9 +345,8 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def test_study_towers_train_save_and_evaluate(tmp_path):
     """train.py with an HF DINO folder and an XLM-R folder (both tiny, written here): SigLIP for
-    2 steps (the study's row), evaluated at the end; then eval_zeroshot.py rebuilds model and
-    tokenizer from the checkpoint alone."""
-    import eval_zeroshot
+    2 steps (the study's row), evaluated at the end; then factory.load_model_and_tokenizer
+    rebuilds model and tokenizer from the checkpoint alone."""
     import train
 
     vit = tmp_path / "dino"
@@ -373,14 +371,14 @@ def test_study_towers_train_save_and_evaluate(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["tokenizer"]["kind"] == "xlmr" and ckpt["merges"] is None
     assert ckpt["model_config"]["text_tower"]["kind"] == "xlmr"
-    model, tok = eval_zeroshot.load_model_and_tokenizer(str(out / "checkpoint.pt"))
+    model, tok = factory.load_model_and_tokenizer(str(out / "checkpoint.pt"))
     assert isinstance(tok, xlmr.XLMRTokenizer) and tok.mask_id == len(vocab) - 1
     assert tok.encode("a red circle") == [0, 4, 5, 4] + [5 + LETTERS.index(c) for c in "red"] \
         + [4] + [5 + LETTERS.index(c) for c in "circle"] + [2]
     assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in model.state_dict().items())
     with torch.no_grad():  # the reloaded pair encodes prompts as the trained one did
         z = model.encode_text(tok(["a photo of a red circle."], 32))
-        trained = pretrained.from_config(ckpt["model_config"]).eval()
+        trained = factory.from_config(ckpt["model_config"]).eval()
         trained.load_state_dict(ckpt["state_dict"])
         torch.testing.assert_close(z, trained.encode_text(tok(["a photo of a red circle."], 32)))
     args = train.get_args(["--preset", "study-dino-xlmr-siglip-cc3m"])

@@ -1,8 +1,8 @@
 """What a DeCLIP crop does to the built-in objects: how often a view holds a whole copy of the main
 object, at least half of one (data.label_visible's rule), or cuts a copy at its border.
 
-    python tools/crop_coverage.py                      # crop scales 0.2, 0.5, 0.75, 0.9 (to 1)
-    python tools/crop_coverage.py --scales 0.2 --n 1000
+    python experiments/crop_coverage.py     # crop scales 0.2, 0.5, 0.75, 0.9 (to 1)
+    python experiments/crop_coverage.py --scales 0.2 --n 1000
 
 One crop of each of the first --n eval images per scale, drawn by views.DeclipView (aspect ratio
 3/4-4/3) from torch's RNG seeded with --seed; the copies' pixels come from SyntheticCaptions.mask.
@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+# the library modules (clip.py, train.py, ...) live at the repo root, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import builtin_data  # noqa: E402
 import views  # noqa: E402

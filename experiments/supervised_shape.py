@@ -6,8 +6,8 @@ prints shape accuracy on 300 eval images every 100 steps. If this learns shape i
 steps while CLIP does not, the bottleneck is the contrastive problem (the text side), not the
 image tower or the data's pixels (README, "Why shape was not learnt (3)").
 
-    python tools/supervised_shape.py                 # CLIP's mild view
-    python tools/supervised_shape.py --view declip   # DeCLIP's Appendix B view
+    python experiments/supervised_shape.py                 # CLIP's mild view
+    python experiments/supervised_shape.py --view declip   # DeCLIP's Appendix B view
 """
 import argparse
 import os
@@ -17,10 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+# the library modules (clip.py, train.py, ...) live at the repo root, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import builtin_data  # noqa: E402
-import clip  # noqa: E402
-import data  # noqa: E402
+import factory  # noqa: E402
 import views  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     size, n_shapes = 64, builtin_data.SyntheticCaptions.n_shapes
-    tower = clip.create_model("tiny-rn").visual
+    tower = factory.create_model("tiny-rn").visual
     head = torch.nn.Linear(tower.output_dim, n_shapes)
     train = builtin_data.SyntheticCaptions("train", seed=args.seed)
     val = builtin_data.SyntheticCaptions("eval", size=300, seed=args.seed)

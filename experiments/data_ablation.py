@@ -2,16 +2,16 @@
 
 The variants are environment variables, so that train.py keeps no flags for one-off experiments:
 
-    AREA_CUE=1    python tools/data_ablation.py --method clip --output /tmp/a   # v1's shapes, radius
-    CANONICAL=0   python tools/data_ablation.py ...   # v1's captions: words drawn from synonyms
-    CLEAN=1       python tools/data_ablation.py ...   # the caption is the class name
-    SHAPE_ONLY=0.25 python tools/data_ablation.py ...   # a quarter of captions name the shape only
-    NUISANCE=0.5  python tools/data_ablation.py ...   # half as many caption parts off the class
-    MENTION_OTHERS=0 python tools/data_ablation.py ...   # never name the small distractors
-    RENDER=2      python tools/data_ablation.py ...   # images drawn at 2x the model's input size
-    WIDTH=32      python tools/data_ablation.py ...   # tiny-rn with width 32 instead of 16
-    GRID=2 COPIES=2,2 RADIUS=0.18,0.22 python tools/data_ablation.py ...   # fewer, larger objects
-    CROP_RATIO=1,1 python tools/data_ablation.py --image-aug declip ...   # square crops only
+    AREA_CUE=1 python experiments/data_ablation.py --method clip ...  # v1's shapes and radius
+    CANONICAL=0 python experiments/data_ablation.py ...  # v1's captions: words drawn from synonyms
+    CLEAN=1 python experiments/data_ablation.py ...      # the caption is the class name
+    SHAPE_ONLY=0.25 python experiments/data_ablation.py ...  # 1/4 of captions name the shape only
+    NUISANCE=0.5 python experiments/data_ablation.py ...  # half as many caption parts off the class
+    MENTION_OTHERS=0 python experiments/data_ablation.py ...  # never name the small distractors
+    RENDER=2 python experiments/data_ablation.py ...     # images drawn at 2x the model's input size
+    WIDTH=32 python experiments/data_ablation.py ...     # tiny-rn with width 32 instead of 16
+    GRID=2 COPIES=2,2 RADIUS=0.18,0.22 python experiments/data_ablation.py ...  # fewer, larger
+    CROP_RATIO=1,1 python experiments/data_ablation.py --image-aug declip ...  # square crops only
 
 Every other argument goes to train.py unchanged.
 """
@@ -20,9 +20,10 @@ import os
 import random
 import sys
 
+# the library modules (clip.py, train.py, ...) live at the repo root, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import builtin_data  # noqa: E402
-import clip  # noqa: E402
+import factory  # noqa: E402
 import views  # noqa: E402
 
 
@@ -87,7 +88,8 @@ if __name__ == "__main__":
     if env("RENDER"):
         render_at(float(env("RENDER")))
     if env("WIDTH"):
-        clip.PRESETS["tiny-rn"] = dict(clip.PRESETS["tiny-rn"], vision_width=int(env("WIDTH")))
+        factory.PRESETS["tiny-rn"] = dict(factory.PRESETS["tiny-rn"],
+                                          vision_width=int(env("WIDTH")))
     if env("GRID"):
         builtin_data.GRID = int(env("GRID"))
     if env("COPIES"):

@@ -42,7 +42,7 @@ The gzip header carries no timestamp: the same WordNet files always give the sam
 Get WordNet 3.0 from Debian's package (files land in wn/usr/share/wordnet/):
     apt-get download wordnet-base && dpkg -x wordnet-base_*.deb wn
 Then:
-    python tools/build_synonyms.py --wordnet wn/usr/share/wordnet --out assets/synonyms.txt.gz
+    python experiments/build_synonyms.py --wordnet wn/usr/share/wordnet --out assets/synonyms.txt.gz
 
 Standard library only. Deliberately left out: WordNet's relations (hypernyms etc.), glosses,
 parts of speech in the table, and choosing a sense from the caption's context.
@@ -64,7 +64,7 @@ MORPHY_RULES = {
     "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
 }
 HEADER = (
-    "# declip-mini EDA synonym table, derived from WordNet 3.0 by tools/build_synonyms.py.\n"
+    "# declip-mini EDA synonym table, derived from WordNet 3.0 by experiments/build_synonyms.py.\n"
     "# WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved.\n"
     "# Licence: see LICENSE-wordnet.txt next to this file.\n"
     "# Format: one synset per line, 'keys | other lemmas' ('_' joins multi-word lemmas). A key\n"

@@ -2,8 +2,8 @@
 
 tests/test_reference.py proves, without OpenCLIP installed, that a user holding an OpenAI
 checkpoint (RN50.pt, ViT-B-32.pt: OpenAI's parameter names, QuickGELU, EOT = the largest token
-id) gets OpenAI's features from clip.build_model / clip.load_checkpoint. Real OpenAI weights are
-hundreds of MB, so two small models of the same two architectures stand in for them:
+id) gets OpenAI's features from factory.build_model / factory.load_checkpoint. Real OpenAI
+weights are hundreds of MB, so two small models of the same two architectures stand in for them:
 
     rn:  ModifiedResNet, vision_layers (1, 2, 1, 1), width 16, 64 px  (attnpool: 8 heads)
     vit: ViT, width 128, 2 layers, patch 16, 64 px                    (2 heads)
@@ -25,7 +25,7 @@ checkpoint layout), fixed inputs and OpenCLIP's outputs:
 
 Run once, by a developer with OpenCLIP installed (pip install open_clip_torch; it is not a
 project dependency), from the repository root:
-    python tools/make_reference.py            # writes tests/data/openai_reference_*.pt
+    python experiments/make_reference.py            # writes tests/data/openai_reference_*.pt
 The outputs are checked twice here: OpenCLIP's CLIP built from explicit configs, and OpenCLIP's
 own OpenAI loader (build_model_from_openai_state_dict, the path RN50.pt takes) must agree.
 
@@ -159,7 +159,8 @@ def main():
     try:
         import open_clip  # noqa: F401
     except ImportError:
-        raise SystemExit("tools/make_reference.py: needs OpenCLIP; pip install open_clip_torch")
+        raise SystemExit("experiments/make_reference.py: needs OpenCLIP; "
+                         "pip install open_clip_torch")
     os.makedirs(args.out, exist_ok=True)
     for arch in SPECS:
         path = os.path.join(args.out, f"openai_reference_{arch}.pt")

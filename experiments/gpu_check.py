@@ -1,8 +1,8 @@
 """The GPU check: DeCLIP against CLIP on RN50 at 128 images per GPU (DeCLIP Table 9), and a
 one-GPU torchrun/NCCL smoke run of train.py. One run, a few minutes; skips cleanly without CUDA.
 
-    python tools/gpu_check.py                # or: python bench.py --gpu
-    python tools/gpu_check.py --peak-tflops 989 --steps 10
+    python experiments/gpu_check.py          # or: python experiments/bench.py --gpu
+    python experiments/gpu_check.py --peak-tflops 989 --steps 10
 
 For each precision the GPU supports (fp16 with a GradScaler: the V100 path; bf16: the default on
 newer GPUs) it times the full training step (forward, loss, backward, fused AdamW) of CLIP and of
@@ -22,6 +22,7 @@ import time
 
 import torch
 
+# the library modules (clip.py, train.py, ...) live at the repo root, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Dense tensor-core peak (TFLOP/s) for fp16/bf16 with fp32 accumulation, from vendor data sheets.
@@ -38,7 +39,7 @@ def peak_tflops(name):
 
 def make_step(method, batch, precision, device, grad_checkpointing=False):
     """A closure running one training step of RN50 CLIP or DeCLIP on a fixed random batch."""
-    from clip import create_model
+    from factory import create_model
     from declip import DeCLIP
     torch.manual_seed(0)
     clip = create_model("RN50")

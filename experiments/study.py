@@ -1,9 +1,9 @@
 """The miniature reproductions on the built-in data, with statistics that can tell, in one command.
 
-    python study.py                       # the full study: 3 seeds, 2 CPU cores, < 60 minutes
-    python study.py --quick               # a 1-minute smoke version, written to results/quick/
-    python study.py --seeds 5 --configs clip,declip --sizes 500,all
-    python study.py --regimes results/b64,results/b256   # the regime map of two finished studies
+    python experiments/study.py            # the full study: 3 seeds, 2 CPU cores, < 60 minutes
+    python experiments/study.py --quick    # a 1-minute smoke version, written to results/quick/
+    python experiments/study.py --seeds 5 --configs clip,declip --sizes 500,all
+    python experiments/study.py --regimes results/b64,results/b256   # two finished studies' map
 
 (a) DeCLIP Table 4 (Li et al., ICLR 2022, Sec. 4.4; CC3M, RN50, ImageNet zero-shot top-1): the extra
     supervisions added cumulatively, CLIP 20.6 -> +MVS 24.8 -> +SS 25.4 -> +NNS (= DeCLIP) 27.2.
@@ -38,12 +38,13 @@ views and DeCLIP at one data size in different regimes (batch 64 and 256 at the 
 samples), and tabulates each regime's top-1 and paired differences with their verdicts.
 
 Outputs in <out>: study.md (tables, verdicts), study.json (every run and the aggregates),
-study.png (top-1 with intervals, per group), curve.png (the data-efficiency curve) and
-nn_pairs.png (DeCLIP Fig. 9: captions and the nearest *other* caption the NN queue finds).
+study.png (top-1 with intervals, per group), curve.png (the data-efficiency curve; only with two
+data sizes or more, a single size is a bar row of study.png) and nn_pairs.png (DeCLIP Fig. 9:
+captions and the nearest *other* caption the NN queue finds; experiments/nn_pairs.py).
 
 Left out: GPUs and DDP (train.py has them; this is a CPU study), pretrained towers, per-method
 tuning, and speed (the samples/s of runs that shared the machine with others are not comparable:
-`python bench.py --only methods,declip` measures speed ratios side by side).
+`python experiments/bench.py --only methods,declip` measures speed ratios side by side).
 """
 import argparse
 import json
@@ -51,12 +52,12 @@ import math
 import os
 import statistics
 import sys
-import textwrap
 import time
 
-from PIL import Image, ImageDraw
-
-from charts import font, nice_max
+# the library modules (clip.py, train.py, ...) live at the repo root, one folder up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import charts  # noqa: E402
+from nn_pairs import nn_pairs  # noqa: E402  (a sibling: DeCLIP Fig. 9)
 
 RN, VIT = ["--model", "tiny-rn"], ["--model", "tiny"]
 # name -> (label, train.py flags). CLIP and DeCLIP serve Table 4 and the curve.
@@ -106,7 +107,7 @@ CLAIMS_FIG3 = [("siglip", "clip_vit", +1, "Fig. 3: SigLIP +9 pts over CLIP"),
                ("flip", "clip_vit", -1, "Fig. 3: FLIP below CLIP"),
                ("tome", "clip_vit", -1, "Fig. 3: ToMe below CLIP"),
                ("sigflip", "flip", +1, "Fig. 3: the sigmoid loss helps FLIP too")]
-# Not the papers' claims: the two readings of DeCLIP's MLM pass that issue 9 asked to measure.
+# Not the papers' claims: two other readings of DeCLIP's MLM text pass, against the shared one.
 CLAIMS_TEXTPASS = [
     ("declip_separate", "declip", +1, "(ours) a separate MLM pass beats the shared one"),
     ("declip_bidir", "declip_separate", +1, "(ours) bidirectional MLM beats causal")]
@@ -170,17 +171,21 @@ def get_args(argv=None):
 
 def plan(args):
     """The study's runs as {group: [run id]}: '<config>-<size>', size 'all' = unlimited."""
-    def rid(name, size):
-        return f"{name}-{'all' if size is None else size}"
-    groups = {"table4": [rid(n, args.table4_size) for n in TABLE4 if n in args.configs],
-              "fig3": [rid(n, None) for n in FIG3 if n in args.configs],
-              "curve": [rid(n, s) for n in CURVE if n in args.configs for s in args.sizes],
-              "textpass": [rid(n, args.table4_size) for n in TEXTPASS if n in args.configs],
-              "views": [rid(n, args.table4_size) for n in VIEWS if n in args.configs]}
+    rid, n = join_id, args.table4_size
+    groups = {"table4": [rid(c, n) for c in TABLE4 if c in args.configs],
+              "fig3": [rid(c, None) for c in FIG3 if c in args.configs],
+              "curve": [rid(c, s) for c in CURVE if c in args.configs for s in args.sizes],
+              "textpass": [rid(c, n) for c in TEXTPASS if c in args.configs],
+              "views": [rid(c, n) for c in VIEWS if c in args.configs]}
     for g, extra in OPTIONAL.items():
-        if len(groups[g]) < 2 or not any(n in args.configs for n in extra):
+        if len(groups[g]) < 2 or not any(c in args.configs for c in extra):
             groups[g] = []  # DeCLIP alone, or CLIP and DeCLIP alone, compare nothing new here
     return {g: ids for g, ids in groups.items() if ids}
+
+
+def join_id(name, size):
+    """A run id: '<config>-<size>', size None (unlimited) written 'all'."""
+    return f"{name}-{'all' if size is None else size}"
 
 
 def split_id(run_id):
@@ -340,11 +345,11 @@ def markdown(report):
                       + " | " + " | ".join(CONFIGS[n][0] + " shape %" for n in names) + " |",
                       "|---" * (1 + 2 * len(names)) + "|"]
             for size in sizes:
-                row = [configs[f"{n}-{'all' if size is None else size}"] for n in names]
+                row = [configs[join_id(n, size)] for n in names]
                 lines.append(f"| {'unlimited' if size is None else size} | "
                              + " | ".join(pct(c["top1"]) for c in row) + " | "
                              + " | ".join(pct(c["shape"]) for c in row) + " |")
-            lines += ["", "![curve](curve.png)", ""]
+            lines += ["", "![curve](curve.png)", ""] if len(sizes) > 1 else [""]
             continue
         lines += ["| config | zero-shot top-1 % | top-5 % | colour % | shape % | per seed (top-1) "
                   "| paper (ImageNet top-1 %) |", "|---|---|---|---|---|---|---|"]
@@ -381,57 +386,10 @@ def markdown(report):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- figures
+
 BAR, BAR_SHAPE = (70, 110, 190), (225, 140, 50)
-INK, GRID, DOT = (30, 30, 30), (220, 220, 220), (20, 20, 20)
 LINES = {"clip": (70, 110, 190), "declip": (200, 60, 50)}
-
-
-def _half_width(s):
-    return s["ci95"] if math.isfinite(s["ci95"]) else 0.0
-
-
-def _interval(s):
-    """The 95% interval of an accuracy, cut to [0, 1]: Student's t knows nothing of the bounds."""
-    return max(0.0, s["mean"] - _half_width(s)), min(1.0, s["mean"] + _half_width(s))
-
-
-def _bar_panel(draw, box, title, items, key, scale, colour, fmt):
-    """Bars with mean ± 95% interval and one dot per seed; returns {label: bar rectangle}."""
-    x0, y0, x1, y1 = box
-    f, fs = font(14), font(12)
-    draw.text((x0, y0), title, fill=INK, font=f)
-    top, bottom, left = y0 + 28, y1 - 36, x0 + 44
-    vmax = min(scale, nice_max(max(max(it[key]["max"], _interval(it[key])[1])
-                                    for it in items) * scale * 1.05))
-    for k in range(6):  # horizontal grid and tick labels
-        v = vmax * k / 5
-        y = bottom - (bottom - top) * k / 5
-        draw.line((left, y, x1, y), fill=GRID)
-        draw.text((x0, y - 7), f"{v:g}", fill=INK, font=fs)
-    slot = (x1 - left) / len(items)
-    width = slot * 0.6
-    rects = {}
-    for i, it in enumerate(items):
-        s = it[key]
-        cx = left + slot * (i + 0.5)
-        to_y = lambda v: bottom - (bottom - top) * max(0.0, v) * scale / vmax  # noqa: E731
-        rect = (round(cx - width / 2), round(to_y(s["mean"])), round(cx + width / 2), bottom)
-        draw.rectangle(rect, fill=colour)
-        rects[it["label"]] = rect
-        lo, hi = map(to_y, _interval(s))
-        draw.line((cx, lo, cx, hi), fill=INK, width=2)
-        for y in (lo, hi):
-            draw.line((cx - 6, y, cx + 6, y), fill=INK, width=2)
-        for j, v in enumerate(s["values"]):  # the seeds themselves, spread sideways
-            dx = (j - (len(s["values"]) - 1) / 2) * 5
-            draw.ellipse((cx + width / 4 + dx - 2, to_y(v) - 2, cx + width / 4 + dx + 2,
-                          to_y(v) + 2), fill=DOT)
-        draw.text((cx, min(hi, rect[1]) - 4), fmt(s["mean"] * scale), fill=INK, font=fs,
-                  anchor="md")
-        for k, line in enumerate(textwrap.wrap(it["label"], 14)[:2]):
-            draw.text((cx, bottom + 4 + 14 * k), line, fill=INK, font=fs, anchor="ma")
-    draw.line((left, bottom, x1, bottom), fill=INK)
-    return rects
 
 
 def draw_chart(groups, path, note=""):
@@ -441,151 +399,43 @@ def draw_chart(groups, path, note=""):
     mean, error bars = 95% interval over seeds, dots = single seeds. Returns
     {(group, metric, label): rect}.
     """
-    W, row_h, head = 1300, 340, 40
-    img = Image.new("RGB", (W, head + row_h * len(groups) + 24), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((12, 10), "Zero-shot top-1 and shape accuracy (mean ± 95% interval over seeds, "
-              "dots = seeds)", fill=INK, font=font(16))
-    rects = {}
-    for g, (title, items) in enumerate(groups):
-        y0 = head + g * row_h
-        draw.text((12, y0 + 4), title, fill=INK, font=font(15))
-        halves = [(12, y0 + 30, W // 2 - 20, y0 + row_h - 6),
-                  (W // 2 + 10, y0 + 30, W - 14, y0 + row_h - 6)]
-        panels = [("zero-shot top-1 (%)", "top1", BAR), ("shape right (%)", "shape", BAR_SHAPE)]
-        for box, (name, key, colour) in zip(halves, panels):
-            for label, rect in _bar_panel(draw, box, name, items, key, 100, colour,
-                                          lambda v: f"{v:.1f}").items():
-                rects[(g, key, label)] = rect
-    if note:
-        draw.text((12, img.height - 20), note, fill=(90, 90, 90), font=font(12))
-    img.save(path)
-    return rects
+    panels = [("zero-shot top-1 (%)", "top1", BAR), ("shape right (%)", "shape", BAR_SHAPE)]
+    return charts.bar_chart(groups, panels, path, "Zero-shot top-1 and shape accuracy (mean ± "
+                            "95% interval over seeds, dots = seeds)", note=note)
 
 
 def draw_curve(configs, ids, path, note=""):
     """DeCLIP Fig. 1 in miniature: top-1 (mean, 95% interval) against unique training pairs,
-    log-spaced, 'unlimited' at the right end. Returns {(name, size): (x, y)} of the points."""
-    W, H, left, right, top, bottom = 760, 460, 70, 30, 50, 70
-    img = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((12, 10), "Zero-shot top-1 against unique training pairs (mean ± 95% interval)",
-              fill=INK, font=font(16))
+    in increasing order, 'unlimited' at the right end. Returns {(name, size): (x, y)}."""
     sizes = sorted({configs[i]["size"] for i in ids}, key=lambda s: math.inf if s is None else s)
-    xs = {s: left + (W - left - right) * (k + 0.5) / len(sizes) for k, s in enumerate(sizes)}
-    vmax = min(100, nice_max(max(configs[i]["top1"]["max"] for i in ids) * 100 * 1.05))
-    to_y = lambda v: H - bottom - (H - bottom - top) * max(0.0, v) * 100 / vmax  # noqa: E731
-    for k in range(6):
-        y = H - bottom - (H - bottom - top) * k / 5
-        draw.line((left, y, W - right, y), fill=GRID)
-        draw.text((12, y - 7), f"{vmax * k / 5:g}", fill=INK, font=font(12))
-    for s, x in xs.items():
-        draw.text((x, H - bottom + 8), "unlimited" if s is None else f"{s:,}", fill=INK,
-                  font=font(12), anchor="ma")
-    draw.text((W // 2, H - 28), "unique training pairs (same steps for every point)", fill=INK,
-              font=font(12), anchor="ma")
-    points = {}
-    for k, name in enumerate(dict.fromkeys(configs[i]["name"] for i in ids)):
-        colour = LINES.get(name, DOT)
-        pts = []
-        for s in sizes:
-            run_id = f"{name}-{'all' if s is None else s}"
-            if run_id not in configs:
-                continue
-            t = configs[run_id]["top1"]
-            x, y = xs[s] + (k - 0.5) * 8, to_y(t["mean"])
-            lo, hi = map(to_y, _interval(t))
-            draw.line((x, lo, x, hi), fill=colour, width=2)
-            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
-            pts.append((x, y))
-            points[(name, s)] = (x, y)
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        draw.text((left + 10, top + 4 + 18 * k), CONFIGS[name][0], fill=colour, font=font(14))
-    if note:
-        draw.text((12, H - 14), note, fill=(90, 90, 90), font=font(11))
-    img.save(path)
-    return points
+    series = {}
+    for name in dict.fromkeys(configs[i]["name"] for i in ids):
+        points = {s: configs[join_id(name, s)]["top1"] for s in sizes
+                  if join_id(name, s) in configs}
+        series[name] = (CONFIGS[name][0], LINES.get(name, charts.DOT), points)
+    ticks = [(s, "unlimited" if s is None else f"{s:,}") for s in sizes]
+    return charts.interval_curve(
+        series, ticks, path, "Zero-shot top-1 against unique training pairs (mean ± 95% interval)",
+        "unique training pairs (same steps for every point)", note=note)
 
 
-# ----------------------------------------------------------------------------- NN pairs (Fig. 9)
-
-def nn_pairs(checkpoint, path, n_captions=4096, n_queries=512, n_show=8, batch=512):
-    """DeCLIP Fig. 9 on the built-in data: which caption would NNS contrast each image with?
-
-    The first n_captions training captions are embedded by the checkpoint's text tower and pushed
-    into an NNQueue (DeCLIP's queue, nn_queue.py); the next n_queries captions (not in the queue,
-    as in training, where the queue only holds earlier steps) are looked up with
-    `NNQueue.nearest`. Draws the first n_show (image, caption) pairs above their NN pairs and
-    returns how often the neighbour shares the query's class / colour / shape.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    import data
-    import eval_zeroshot
-    from nn_queue import NNQueue
-
-    model, tokenizer = eval_zeroshot.load_model_and_tokenizer(checkpoint)
-    size, L = eval_zeroshot.image_size_of(model), eval_zeroshot.context_length_of(model)
-    base = data.SyntheticCaptions("train", image_size=size)  # train.py's training captions
-
-    @torch.no_grad()
-    def embed(indices):
-        out = [F.normalize(model.encode_text(tokenizer([base.caption(i) for i in chunk], L)),
-                           dim=-1) for chunk in (indices[k:k + batch]
-                                                 for k in range(0, len(indices), batch))]
-        return torch.cat(out)  # (N, D)
-
-    z_bank = embed(list(range(n_captions)))                               # (K, D)
-    queue = NNQueue(size=n_captions, dim=z_bank.shape[1])
-    queue.push(z_bank)
-    queries = list(range(n_captions, n_captions + n_queries))
-    z_txt = embed(queries)                                                # (Q, D)
-    z_txt_nn = queue.nearest(z_txt)                                       # (Q, D)
-    # nearest() returns stored features: find the slot each came from (first exact match)
-    nn_idx = [int((queue.feats == z).all(1).nonzero()[0]) for z in z_txt_nn]  # Q slot indices
-    cos = (z_txt * z_txt_nn).sum(-1).tolist()                             # (Q,)
-    n_shapes = base.n_shapes
-    same = {"class": 0, "colour": 0, "shape": 0}
-    for q, j in zip(queries, nn_idx):
-        a, b = base.label(q), base.label(j)
-        same["class"] += a == b
-        same["colour"] += a // n_shapes == b // n_shapes
-        same["shape"] += a % n_shapes == b % n_shapes
-
-    # the picture: one column per query, (image, caption) on top and its NN pair below (Fig. 9)
-    thumb, col, pad, text_h = 120, 168, 10, 96
-    f, fs = font(12), font(15)
-    rows = [("pair", queries[:n_show]), ("NN pair", nn_idx[:n_show])]
-    W = 80 + col * min(n_show, len(queries))
-    H = 40 + len(rows) * (thumb + text_h + pad) + 24
-    img = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 10), f"Nearest other caption in an NNQueue of {n_captions} training captions "
-              f"(DeCLIP Fig. 9; text tower of {checkpoint})", fill=INK, font=fs)
-    for r, (name, indices) in enumerate(rows):
-        y = 40 + r * (thumb + text_h + pad)
-        draw.text((10, y + thumb // 2), name, fill=INK, font=f)
-        for c, i in enumerate(indices):
-            x = 80 + c * col
-            image, caption = base[i]
-            img.paste(image.resize((thumb, thumb), Image.NEAREST), (x, y))
-            lines = textwrap.wrap(caption, 24)[:5]
-            for k, line in enumerate(lines):
-                draw.text((x, y + thumb + 4 + 15 * k), line, fill=INK, font=f)
-            draw.text((x, y + thumb + 4 + 15 * len(lines)), f"cos {cos[c]:.3f}" if r else f"#{i}",
-                      fill=(120, 120, 120), font=f)
-    n = len(queries)
-    draw.text((10, H - 20), f"Over {n} queries the neighbour has the same class in "
-              f"{100 * same['class'] / n:.0f}%, the same colour in {100 * same['colour'] / n:.0f}%,"
-              f" the same shape in {100 * same['shape'] / n:.0f}%.", fill=(90, 90, 90), font=f)
-    img.save(path)
-    return {"checkpoint": checkpoint, "n_captions": n_captions, "n_queries": n,
-            "same_class": same["class"] / n, "same_colour": same["colour"] / n,
-            "same_shape": same["shape"] / n, "mean_cosine": statistics.fmean(cos),
-            "examples": [{"query": base.caption(q), "nn": base.caption(j), "cosine": s}
-                         for q, j, s in list(zip(queries, nn_idx, cos))[:n_show]]}
+def draw_figures(groups, configs, out, note):
+    """study.png, one bar row per group, and curve.png when the curve has two data sizes or
+    more; a curve of one size is a bar row instead (none when other rows show its runs).
+    Returns the names of the files written."""
+    curve = groups.get("curve", [])
+    is_curve = len({configs[i]["size"] for i in curve}) > 1
+    shown = {i for g, ids in groups.items() if g != "curve" for i in ids}
+    bars = [(GROUPS[g], [configs[i] for i in ids]) for g, ids in groups.items()
+            if g != "curve" or not (is_curve or set(ids) <= shown)]
+    written = []
+    if bars:
+        draw_chart(bars, os.path.join(out, "study.png"), note=note)
+        written.append("study.png")
+    if is_curve:
+        draw_curve(configs, curve, os.path.join(out, "curve.png"), note=note)
+        written.append("curve.png")
+    return written
 
 
 # ----------------------------------------------------------------------------- regime map
@@ -630,7 +480,7 @@ def regime_map(folders, out):
         lines.append(f"| {r['batch']} x {r['steps']:,} ({r['samples']:,}), {r['pairs']:,} | "
                      + " | ".join(cells) + " |")
     text = ("Zero-shot top-1 % (mean ± 95% interval over seeds), and paired differences in "
-            "points with the verdict of their interval (`python study.py --regimes "
+            "points with the verdict of their interval (`python experiments/study.py --regimes "
             f"{','.join(folders)}`):\n\n" + "\n".join(lines) + "\n")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "regimes.md"), "w") as f:
@@ -694,8 +544,8 @@ def _study(args, t0, load_start):
         nn = nn_pairs(ckpt, os.path.join(args.out, "nn_pairs.png"),
                       n_captions=args.nn_captions, n_queries=min(512, args.nn_captions))
     report = {
-        "command": " ".join(["python study.py", *(sys.argv[1:] if args.argv is None
-                                                   else args.argv)]),
+        "command": " ".join(["python experiments/study.py",
+                             *(sys.argv[1:] if args.argv is None else args.argv)]),
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
                      "warmup": args.warmup, "eval_size": args.eval_size,
                      "table4_size": args.table4_size, "sizes": args.sizes,
@@ -708,19 +558,15 @@ def _study(args, t0, load_start):
         "load_average": [load_start, os.getloadavg()[0]],
     }
     note = f"{args.steps} steps x batch {args.batch_size}, seeds {args.seeds}, CPU"
-    bars = [(GROUPS[g], [configs[i] for i in group_ids])
-            for g, group_ids in groups.items() if g != "curve"]
-    if bars:
-        draw_chart(bars, os.path.join(args.out, "study.png"), note=note)
-    if "curve" in groups:
-        draw_curve(configs, groups["curve"], os.path.join(args.out, "curve.png"), note=note)
+    figures = draw_figures(groups, configs, args.out, note)
     with open(os.path.join(args.out, "study.json"), "w") as f:
         json.dump(report, f, indent=1, default=lambda x: None)
     with open(os.path.join(args.out, "study.md"), "w") as f:
         f.write(markdown(report))
     print("\n" + markdown(report))
-    print(f"wrote {args.out}/study.md, study.json, study.png, curve.png"
-          + (", nn_pairs.png" if nn else "") + f" in {report['wall_seconds'] / 60:.1f} min")
+    print(f"wrote {args.out}/" + ", ".join(["study.md", "study.json", *figures]
+                                           + (["nn_pairs.png"] if nn else []))
+          + f" in {report['wall_seconds'] / 60:.1f} min")
     return report
 
 

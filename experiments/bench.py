@@ -1,10 +1,10 @@
 """Benchmarks, measured side by side in one run so the ratios hold on whatever machine runs them.
 
-    python bench.py                      # everything below, CPU, about 20 minutes
-    python bench.py --only cpu --baseline 236ecf0   # the CPU table, against train.py at a commit
-    python bench.py --only step,tokenizer,declip,mlm,methods --models tiny,ViT-B-32 --batch 8
-    python bench.py --only views,index   # the data pipeline, one core
-    python bench.py --gpu                # the GPU check (tools/gpu_check.py); skips without CUDA
+    python experiments/bench.py              # everything below, CPU, about 20 minutes
+    python experiments/bench.py --only cpu --baseline 236ecf0   # the CPU table, against train.py
+    python experiments/bench.py --only step,tokenizer,declip,mlm,methods --models tiny,ViT-B-32
+    python experiments/bench.py --only views,index   # the data pipeline, one core
+    python experiments/bench.py --gpu        # the GPU check (gpu_check.py); skips without CUDA
 
 - step:      one full training step (forward, loss, backward, AdamW) of our CLIP against OpenCLIP's
              on the same architecture, the same weights and the same batch, with the loss of both
@@ -19,11 +19,8 @@
              relative to the shared one (the official code's).
 - methods:   samples/s of CLIP, FLIP (patch dropout 0.5), SigLIP, SigFLIP and ToMe relative to
              CLIP on the same model and batch (the medium-scale study's Fig. 4).
-- views:     the data pipeline per core, on 256 px JPEGs in an img2dataset-style tar it writes:
-             decoding, EDA, CLIP's view, DeCLIP's view (torchvision on PIL images, as before, and
-             views.DeclipView's tensor path, the same draws), and whole samples as ImageText makes
-             them. CPU seconds of this process with one torch thread, so other load on the
-             machine slows every row alike.
+- views:     the data pipeline per core: decoding, EDA, CLIP's and DeCLIP's views, whole samples
+             (bench_data.py).
 - attention: clip.attention against torch's fused SDPA kernel on CPU, fp32 and bf16, forward and
              backward at the tiny models' shapes (why the bf16 step uses plain ops on CPU).
 - cpu:       the CPU table: FLOPs per sample of the demo's DeCLIP step (flop_counter), a matmul
@@ -31,38 +28,40 @@
              contiguous / channels-last as GFLOP/s and % of that peak, the data pipeline alone,
              and train.py end to end (subprocesses, interleaved) with fp32 + contiguous and with
              its defaults; `--baseline REV` adds train.py as it was at git revision REV.
-- index:     the shard index (data.ShardDataset) on tiny samples in pax tars as img2dataset
-             writes them: building, opening, private and shared memory, extrapolated to 88M
-             pairs (DeCLIP's largest set).
+- index:     the shard index (shards.ShardDataset): building, opening, memory, extrapolated to
+             88M pairs (bench_data.py).
 
 Timings interleave the contenders step by step and report medians, so background load hits all
 alike. Each row prints how it was measured.
 """
 import argparse
 import copy
-import io
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 # the environment this ran in, for the train.py runs (importing train.py sets OMP_WAIT_POLICY)
 START_ENV = dict(os.environ)
 
-from clip import build_model, create_model
-from declip import DeCLIP
-import train
-from losses import clip_loss
+# the library modules (clip.py, train.py, ...) live at the repo root, one folder up
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import bench_data  # noqa: E402  (siblings in experiments/)
+import gpu_check  # noqa: E402
+import train  # noqa: E402
+from optim import BadSteps  # noqa: E402
+from declip import DeCLIP  # noqa: E402
+from factory import build_model, create_model  # noqa: E402
+from losses import clip_loss  # noqa: E402
 
 
 def sync():
@@ -328,27 +327,30 @@ def matmul_peak(dtype, n=2048, repeat=5):
     return 2 * n ** 3 / t
 
 
-def declip_step(batch, precision, channels_last, model_name="tiny-rn", vocab_size=768):
-    """train.py's step (DeCLIP, all terms on, AdamW) on a fixed random batch, as a closure."""
-    torch.manual_seed(0)
-    clip = create_model(model_name, vocab_size=vocab_size, eot_id=vocab_size - 2)
-    model = DeCLIP(clip, queue_size=batch * 4, mask_id=vocab_size - 1, vocab_size=vocab_size)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    cfg = clip.config
-    images, ids = fake_batch(2 * batch, cfg["image_resolution"], cfg["context_length"],
-                             vocab_size, vocab_size - 2, "cpu")
-    images = images.contiguous(memory_format=memory_format)
-    view1, view2, ids_aug = images[:batch], images[batch:], ids[:batch].roll(1, dims=1)
+def declip_step(batch, precision, channels_last):
+    """train.py's own step (train.train_step: DeCLIP with every term, AdamW, the finite check,
+    the queue push) on a fixed random batch of the demo's model, as a closure."""
+    cpu = torch.device("cpu")
+    args = train.get_args(["--batch-size", str(batch), "--precision", precision, "--steps", "100",
+                           "--queue-size", str(4 * batch), "--device", "cpu",
+                           "--channels-last" if channels_last else "--no-channels-last"])
+    args.total_steps = 100
+    vocab = 768  # the demo's learned BPE: its last ids are <start>, <end>, <mask>
+    tokenizer = SimpleNamespace(vocab_size=vocab, sot_id=vocab - 3, eot_id=vocab - 2,
+                                mask_id=vocab - 1)
+    model = train.build_declip(args, tokenizer, 100, 2000, 1, cpu, None)
+    ddp, memory_format = train.wrap_model(model, args, cpu, 1)
+    optimizer, scaler, autocast = train.build_optimizer(model, args, cpu, None)
+    bad = BadSteps(model, max_in_a_row=1)
+    cfg = model.clip.config
+    images, ids = fake_batch(2 * batch, cfg["image_resolution"], cfg["context_length"], vocab,
+                             vocab - 2, "cpu")
+    fixed = train.to_device(dict(image=images[:batch], image_aug=images[batch:], ids=ids[:batch],
+                                 ids_aug=ids[:batch].roll(1, dims=1)), cpu, memory_format)
+    train.train_mode(model)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss, _ = model(view1, view2, ids[:batch], ids_aug, push=False)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.push_queue()
+        train.train_step(model, ddp, fixed, optimizer, scaler, autocast, bad, 0, args)
     return step
 
 
@@ -394,11 +396,10 @@ def run_train(root, flags, out):
 def baseline_checkout(rev):
     """A detached git worktree of revision rev (train.py as it was), removed at exit."""
     import atexit
-    root = os.path.dirname(os.path.abspath(__file__))
     where = tempfile.mkdtemp(prefix="bench-baseline-")
-    subprocess.run(["git", "worktree", "add", "--detach", where, rev], cwd=root, check=True,
+    subprocess.run(["git", "worktree", "add", "--detach", where, rev], cwd=REPO, check=True,
                    capture_output=True)
-    atexit.register(subprocess.run, ["git", "worktree", "remove", "--force", where], cwd=root,
+    atexit.register(subprocess.run, ["git", "worktree", "remove", "--force", where], cwd=REPO,
                     capture_output=True)
     return where
 
@@ -458,13 +459,12 @@ def bench_cpu(batch, steps, rounds, baseline=None):
     # defaults; with --baseline REV also train.py as it was at REV, with its own defaults
     common = ["--batch-size", str(batch), "--train-size", "2000", "--steps", str(steps),
               "--eval-size", "42", "--log-every", str(steps)]
-    root = os.path.dirname(os.path.abspath(__file__))
     runs = {}
     if baseline:
         runs[f"train.py at {baseline}"] = (baseline_checkout(baseline), common, "fp32")
     runs["train.py --precision fp32 --no-channels-last"] = (
-        root, common + ["--precision", "fp32", "--no-channels-last"], "fp32")
-    runs["train.py (defaults)"] = (root, common, train.default_precision(torch.device("cpu")))
+        REPO, common + ["--precision", "fp32", "--no-channels-last"], "fp32")
+    runs["train.py (defaults)"] = (REPO, common, train.default_precision(torch.device("cpu")))
     speeds = {k: [] for k in runs}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(rounds):  # interleaved: load on the machine hits every run alike
@@ -480,207 +480,11 @@ def bench_cpu(batch, steps, rounds, baseline=None):
         row(label, statistics.median(speeds[label]), precision, first)
 
 
-# ----------------------------------------------------------------------------- data pipeline
-
-def photo_jpeg(rng, side=256):
-    """A stand-in for a web photo: smooth colour gradients and noise, JPEG quality 90 (~30 KB
-    at 256 px, the size img2dataset writes for CC3M)."""
-    from PIL import Image
-    y, x = np.mgrid[0:side, 0:side] / side
-    rgb = np.stack([np.sin(x * rng.uniform(2, 9) + y * rng.uniform(-5, 5) + rng.uniform(0, 6))
-                    for _ in range(3)], -1) * 90 + 128 + rng.normal(0, 15, (side, side, 3))
-    buf = io.BytesIO()
-    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def write_shard(path, samples):
-    """img2dataset's layout, KEY.jpg + KEY.txt + KEY.json, written as webdataset's TarWriter
-    writes it: pax format with a float mtime, hence a pax header before every member."""
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for key, jpg, caption in samples:
-            for ext, payload in (("jpg", jpg), ("txt", caption.encode()), ("json", b"{}")):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime = len(payload), time.time()
-                tar.addfile(info, io.BytesIO(payload))
-
-
-def torchvision_draws(view, image):
-    """views.DeclipView's draws as they were made before: torchvision's get_params, one call to
-    torch's RNG a number (DeclipView.sample draws the same distributions in one call)."""
-    from torchvision import transforms as T
-    crop = T.RandomResizedCrop.get_params(image, view.scale, (3 / 4, 4 / 3))
-    b, c, s, h = view.jitter
-    jitter = (T.ColorJitter.get_params([1 - b, 1 + b], [1 - c, 1 + c], [1 - s, 1 + s], [-h, h])
-              if torch.rand(()) < view.p_jitter else None)
-    gray = bool(torch.rand(()) < view.p_gray)
-    sigma = T.GaussianBlur.get_params(*view.sigma) if torch.rand(()) < view.p_blur else None
-    return dict(crop=crop, jitter=jitter, gray=gray, sigma=sigma,
-                flip=view.flip and bool(torch.rand(()) < 0.5))
-
-
-def cpu_interleaved(fns, n, rounds):
-    """Median over rounds of the CPU seconds of this process that each fn(round, i) takes for
-    i < n; the fns take turns item by item, so that other load on the machine hits all alike."""
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        total = dict.fromkeys(fns, 0.0)
-        for i in range(n):
-            for k, fn in fns.items():
-                t = time.process_time()
-                fn(r, i)
-                total[k] += time.process_time() - t
-        for k in fns:
-            times[k].append(total[k])
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def bench_views(size, n=48, rounds=5):
-    """Per core: decoding, EDA, one view, and whole samples as data.ImageText makes them."""
-    import data
-    import eda
-    import views
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    rng = np.random.default_rng(0)
-    captions = [data.SyntheticCaptions(seed=1).caption(i) for i in range(n)]
-    with tempfile.TemporaryDirectory() as folder:
-        write_shard(os.path.join(folder, "00000.tar"),
-                    [(f"{i:09d}", photo_jpeg(rng), captions[i]) for i in range(n)])
-        base = data.ShardDataset(folder, index_dir=folder)
-        images = [base[i][0] for i in range(n)]
-        kb = os.path.getsize(os.path.join(folder, "00000.tar")) / n / 1024
-        view, clip_view = views.DeclipView(size), views.clip_image_transform(size)
-
-        def before(image):  # before: torchvision's draws and ops on PIL images
-            return view.apply_torchvision(image, torchvision_draws(view, image))
-
-        def one_view(transform):
-            def run(r, i):
-                torch.default_generator.manual_seed(r * n + i)  # the same draws for all
-                transform(images[i])
-            return run
-
-        def sample(transform, n_views, text_aug):
-            datasets = [data.ImageText(base, transform, views=n_views, text_aug=text_aug)]
-
-            def run(r, i):
-                datasets[0].set_epoch(r)  # the same draws for the same (epoch, index)
-                datasets[0][i]
-            return run
-        before_view = "DeCLIP's view, before (torchvision on PIL)"
-        before_sample = "DeCLIP sample, before (decode + 2 views + EDA)"
-        rows = {
-            "read + decode a JPEG": (lambda r, i: base[i], None),
-            "EDA, one caption": (lambda r, i: eda.augment(captions[i], random.Random(r)), None),
-            "CLIP's view": (one_view(clip_view), None),
-            before_view: (one_view(before), None),
-            "DeCLIP's view, now (DeclipView)": (one_view(view), before_view),
-            "CLIP sample (decode + 1 view)": (sample(clip_view, 1, None), None),
-            before_sample: (sample(before, 2, eda.augment), None),
-            "DeCLIP sample, now": (sample(view, 2, eda.augment), before_sample),
-        }
-        t = cpu_interleaved({k: fn for k, (fn, _) in rows.items()}, n, rounds)
-    torch.set_num_threads(threads)
-    print(f"\n## Data pipeline per core: 256 px JPEGs ({kb:.0f} KB) in a tar shard -> {size} px "
-          f"views ({n} images x {rounds} rounds, median round, CPU time, 1 thread)")
-    print("| step | ms (CPU) | per second per core | speed-up |")
-    print("|---|---|---|---|")
-    for k, (_, reference) in rows.items():
-        speedup = f"{t[reference] / t[k]:.2f}x" if reference else ""
-        print(f"| {k} | {t[k] / n * 1e3:.2f} | {n / t[k]:,.0f} | {speedup} |")
-    clip = t["CLIP sample (decode + 1 view)"]
-    print(f"A DeCLIP sample costs {t['DeCLIP sample, now'] / clip:.1f} CLIP samples (before: "
-          f"{t[before_sample] / clip:.1f}).")
-
-
-INDEX_PROBE = r"""
-import json, os, random, re, sys, time
-sys.path.insert(0, {repo!r})
-import numpy as np, data
-def status(key):
-    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-anon, mapped = status("RssAnon"), status("RssFile")
-cpu, wall = time.process_time(), time.perf_counter()
-ds = data.ShardDataset({folder!r})
-cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-rng = random.Random(0)
-t = time.perf_counter()
-for _ in range(20000):
-    ds.row(rng.randrange(len(ds)))
-lookup = (time.perf_counter() - t) / 20000
-private = status("RssAnon") - anon
-for index in ds.indexes:  # fault in every page of every index
-    int(np.asarray(index)[:, 0].sum())
-print(json.dumps(dict(n=len(ds), cpu=cpu, wall=wall, private=private, lookup=lookup,
-                      mapped=status("RssFile") - mapped)))
-"""
-
-
-def probe_index(folder):
-    """ShardDataset(folder) opened in a fresh process: its time, memory and row lookups."""
-    code = INDEX_PROBE.format(repo=os.path.dirname(os.path.abspath(__file__)), folder=folder)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def bench_index(n_samples, per_shard=10_000, pairs=88_000_000, ranks=8):
-    """Build and open the shard index on tiny samples, extrapolated to `pairs`."""
-    n_shards = max(1, n_samples // per_shard)
-    with tempfile.TemporaryDirectory() as folder:
-        first = os.path.join(folder, "00000.tar")
-        write_shard(first, [(f"{i:09d}", b"\xff\xd8 tiny", "a caption") for i in range(per_shard)])
-        for k in range(1, n_shards):  # copies: the index does not care that the keys repeat
-            shutil.copyfile(first, os.path.join(folder, f"{k:05d}.tar"))
-        one = os.path.join(folder, "one")
-        os.mkdir(one)
-        built = probe_index(folder)  # first open: scans every shard
-        for ext in ("", ".idx.npy"):
-            os.link(first + ext, os.path.join(one, "00000.tar" + ext))
-        cached, single = probe_index(folder), probe_index(one)
-        import data
-        t = time.process_time()
-        data._scan_shard(first)
-        ours = time.process_time() - t
-        t = time.process_time()
-        with tarfile.open(first) as tar:
-            for _ in tar:
-                pass
-        theirs = time.process_time() - t
-    n, shards_at_scale = built["n"], pairs / per_shard
-    # private memory = fixed + per shard: from 1 shard and from n_shards
-    per_shard_bytes = max(0.0, (cached["private"] - single["private"]) / max(1, n_shards - 1))
-    scale = pairs / n
-    print(f"\n## Shard index: {n:,} tiny samples in {n_shards} pax tars of {per_shard:,} "
-          f"(jpg + txt + json, a pax header each, as img2dataset writes them), each open in a "
-          f"fresh process; extrapolated to {pairs / 1e6:.0f}M pairs in {shards_at_scale:,.0f} "
-          f"shards")
-    print(f"| | measured | at {pairs / 1e6:.0f}M pairs |")
-    print("|---|---|---|")
-    print(f"| first open: scan the tar headers, write `.idx.npy` (CPU) | {built['cpu']:.2f} s "
-          f"({built['cpu'] / n * 1e6:.1f} us a sample) | {built['cpu'] * scale / 3600:.2f} h on "
-          f"one core, {built['cpu'] * scale / ranks / 60:.1f} min a rank with {ranks} ranks "
-          f"(plus reading the headers from disk) |")
-    print(f"| later opens, index cached (wall) | {cached['wall'] * 1e3:.0f} ms "
-          f"({cached['wall'] / n_shards * 1e3:.2f} ms a shard) | "
-          f"{cached['wall'] / n_shards * shards_at_scale:.0f} s |")
-    print(f"| private memory a process (RssAnon) | {cached['private'] / 1024:.0f} KiB "
-          f"({cached['private'] / n:.2f} B a sample; {per_shard_bytes:,.0f} B a shard) | "
-          f"{(single['private'] + per_shard_bytes * shards_at_scale) / 2 ** 20:.0f} MiB a rank "
-          f"(before: 41 B a sample = {41 * pairs / 2 ** 30:.1f} GiB a rank) |")
-    print(f"| page cache, shared by every rank and worker (RssFile) | "
-          f"{cached['mapped'] / n:.1f} B a sample | {cached['mapped'] / n * pairs / 2 ** 30:.1f} "
-          f"GiB a node |")
-    print(f"| random row lookup | {cached['lookup'] * 1e6:.1f} us | |")
-    print(f"| one shard's headers: data's scan / Python's tarfile (CPU) | {ours * 1e3:.0f} ms / "
-          f"{theirs * 1e3:.0f} ms ({theirs / ours:.0f}x) | |")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only",
-                   default="step,tokenizer,declip,mlm,methods,views,index,attention,cpu")
+                   default="step,tokenizer,declip,mlm,methods,views,index,attention,cpu",
+                   help="comma-separated benchmarks (default: all of them, in this order)")
     p.add_argument("--models", default="tiny,ViT-B-32")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=6)
@@ -698,11 +502,9 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gpu", action="store_true",
                    help="run only the GPU check: DeCLIP vs CLIP RN50 at 128 per GPU, fp16/bf16, "
-                        "memory, MFU, a torchrun smoke run (tools/gpu_check.py)")
+                        "memory, MFU, a torchrun smoke run (gpu_check.py)")
     args = p.parse_args()
     if args.gpu:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
-        import gpu_check
         raise SystemExit(gpu_check.main([]))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -719,13 +521,13 @@ def main():
     if "methods" in only:
         bench_methods(models, args.batch, device, args.repeat)
     if "views" in only:
-        bench_views(args.view_size)
+        bench_data.bench_views(args.view_size)
     if "attention" in only:
         bench_attention(args.repeat)
     if "cpu" in only:
         bench_cpu(args.cpu_batch, args.cpu_steps, args.cpu_rounds, args.baseline)
     if "index" in only:
-        bench_index(args.index_samples)
+        bench_data.bench_index(args.index_samples)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How much the text tower tells the built-in classes apart: README, section (4).
 
-    python tools/class_similarity.py results/runs/long/clip-all/checkpoint.pt [MORE.pt ...]
+    python experiments/class_similarity.py results/runs/long/clip-all/checkpoint.pt [MORE.pt ...]
 
 For each checkpoint, the zero-shot classifier's class embeddings (prompt-ensembled, as
 eval_zeroshot.py builds them) and the mean cosine between classes of one colour and different
@@ -13,8 +13,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
+# the library modules (clip.py, train.py, ...) live at the repo root, one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval_zeroshot  # noqa: E402
+import factory  # noqa: E402
 from data import SyntheticCaptions  # noqa: E402
 
 
@@ -25,7 +27,7 @@ def main(paths):
     same_colour = (colour[:, None] == colour) & (shape[:, None] != shape)  # (C, C)
     same_shape = (shape[:, None] == shape) & (colour[:, None] != colour)
     for path in paths:
-        model, tokenizer = eval_zeroshot.load_model_and_tokenizer(path)
+        model, tokenizer = factory.load_model_and_tokenizer(path)
         w = eval_zeroshot.zero_shot_classifier(model, tokenizer, ds.classnames, ds.templates)
         w = F.normalize(w.T if w.shape[0] != n_classes else w, dim=-1)   # (C, D)
         sim = w @ w.T                                                      # (C, C)
