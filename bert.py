@@ -1,6 +1,6 @@
 """BERT as a CLIP text tower: the encoder, its WordPiece tokenizer, and a loader for HF weights.
 
-DeCLIP's largest model and the medium-scale study (SPEC §4) start the text tower from a masked-LM
+DeCLIP's largest model and the medium-scale study (Sec. 2) start the text tower from a masked-LM
 pre-trained encoder. This file is BERT (Devlin et al. 2019) with the module names of Hugging Face's
 `BertModel`, so `pytorch_model.bin` / `model.safetensors` weights load by name:
 
@@ -9,7 +9,7 @@ pre-trained encoder. This file is BERT (Devlin et al. 2019) with the module name
     padding keys (id 0 = [PAD]) are masked; attention is bidirectional; GELU is erf-exact.
 
 BertModel keeps clip.py's text-tower contract (forward(ids) -> (B, L, W), width, context_length,
-vocab_size, config): pretrained.create_model(text="bert:DIR") puts it in a CLIP as `clip.text`,
+vocab_size, config): factory.create_model(text="bert:DIR") puts it in a CLIP as `clip.text`,
 which takes the [CLS] (position 0) feature times `text_projection` as z_txt; per-token features
 (for DeCLIP's MLM head) are the last hidden states. XLM-R (xlmr.py) is this network with
 RoBERTa's positions and padding id.
@@ -79,7 +79,7 @@ class BertModel(nn.Module):
     """BERT encoder: ids (B, L) -> last hidden states (B, L, W). [PAD] must be id 0.
 
     A CLIP text tower (clip.py's contract): `width`, `context_length`, `vocab_size`, and `config`,
-    which rebuilds it (BertModel(**config minus "kind")); "kind" names it in pretrained.TOWERS.
+    which rebuilds it (BertModel(**config minus "kind")); "kind" names it in factory.towers().
     """
 
     kind, pad_id = "bert", 0

@@ -557,10 +557,7 @@ def split_config(config):
                          + ", ".join(sorted(known)))
     towers = []
     for key, names in (("image_tower", VISION_KEYS), ("text_tower", TEXT_KEYS)):
-        tower = config.get(key)  # None (older checkpoints store it): OpenAI's tower
-        if isinstance(tower, str):
-            raise ValueError(f"{key}={tower!r} is an older config (towers named by strings), "
-                             "which this version does not rebuild; retrain with this version")
+        tower = config.get(key)  # absent: OpenAI's tower, its sizes flat in the config
         towers.append(dict(tower) if tower is not None
                       else {k: config[k] for k in names if k in config})
     return config["embed_dim"], towers[0], towers[1]

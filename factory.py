@@ -315,7 +315,7 @@ def tokenizer_from_state(saved):
 
 def saved_tokenizer(path):
     """The tokenizer stored in one of our checkpoints: BPE merges, a pre-trained text tower's own
-    ("tokenizer": BERT's WordPiece, XLM-R's SentencePiece; older: "wordpiece"), or none of them
+    ("tokenizer": BERT's WordPiece, XLM-R's SentencePiece), or none of them
     (OpenAI / OpenCLIP checkpoints, and ours trained with OpenAI's BPE) -> OpenAI's BPE.
 
     mmap=True reads the small pickle without pulling the weights into memory (zip format only).
@@ -332,9 +332,6 @@ def saved_tokenizer(path):
     ckpt = ckpt if isinstance(ckpt, dict) else {}
     if ckpt.get("tokenizer"):
         return tokenizer_from_state(ckpt["tokenizer"])
-    if ckpt.get("wordpiece"):
-        from bert import WordPieceTokenizer
-        return WordPieceTokenizer(ckpt["wordpiece"]["vocab"], ckpt["wordpiece"]["lower_case"])
     merges = ckpt.get("merges")
     return Tokenizer.openai() if merges is None else Tokenizer(merges)  # "a b" strings
 

@@ -59,7 +59,7 @@ PRESETS = {
     "demo": dict(data="builtin", method="declip", train_size=2000, batch_size=256, epochs=150,
                  warmup=50, eval_every=150),
     # DeCLIP's CC3M ablation (Table 4): RN50, global batch 1024 (128 x 8 GPUs), 32 epochs; the
-    # optimiser of the official code (SPEC 3b): AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up.
+    # optimiser of the official code (its CC3M config): AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up.
     "declip-cc3m": dict(model="RN50", data="cc3m", method="declip", batch_size=128, epochs=32,
                         lr=1e-3, wd=0.1, warmup=2500, queue_size=65536, zeroshot="imagenet"),
     "clip-cc3m": dict(model="RN50", data="cc3m", method="clip", batch_size=128, epochs=32,
@@ -83,7 +83,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a paper setting; flags override it (--data cc3m: declip-cc3m)")
-    for add in (method_flags, model_flags, data_flags, view_flags, optimisation_flags, run_flags):
+    for add in (method_flags, model_flags, data_flags, optimisation_flags, run_flags):
         add(p)
     args = p.parse_args(argv)
     if args.preset is None and args.data in ("builtin", "cc3m"):
@@ -129,6 +129,9 @@ def method_flags(p):
                    help="DeCLIP's MLM: on the contrastive pass over the masked caption (shared, "
                         "the official code), or a pass of its own (separate: causal; "
                         "bidirectional: BERT-style)")
+    g.add_argument("--loss-weights", choices=["paper", "official"], default="paper",
+                   help="Eq. 2's weights (paper), or the official code's: the multi-view pairs "
+                        "folded into the CLIP term (docs/declip.md)")
     g.add_argument("--alpha", type=float, default=0.2, help="weight of L_ISS + L_TSS")
     g.add_argument("--beta", type=float, default=0.2, help="weight of L_MVS")
     g.add_argument("--gamma", type=float, default=0.2, help="weight of L_NNS")
@@ -157,6 +160,9 @@ def model_flags(p):
 
 def data_flags(p):
     g = p.add_argument_group('data')
+    g.add_argument("--image-aug", choices=["clip", "declip"], default=None,
+                   help="training views: CLIP's mild crop, or DeCLIP's Appendix B views (default: "
+                        "declip when --method declip uses two views, else clip)")
     g.add_argument("--data", default="builtin",
                    help="builtin, a csv/tsv file, or a folder under --data-root")
     g.add_argument("--data-root", default="data")
@@ -173,20 +179,6 @@ def data_flags(p):
     g.add_argument("--vocab-size", type=int, default=768, help="for --tokenizer train")
     g.add_argument("--workers", type=int, default=min(8, (os.cpu_count() or 2) // 2),
                    help="data-loading processes per rank")
-
-
-def view_flags(p):
-    g = p.add_argument_group('image views (DeCLIP Appendix B; ablations)')
-    g.add_argument("--image-aug", choices=["clip", "declip"], default=None,
-                   help="training views: CLIP's mild crop, or DeCLIP's Appendix B views (default: "
-                        "declip when --method declip uses two views, else clip)")
-    g.add_argument("--crop-scale", type=float, default=0.2,
-                   help="DeCLIP views: smallest crop, as a fraction of the image area")
-    g.add_argument("--aug-jitter", type=float, default=0.8, help="DeCLIP views: p(colour jitter)")
-    g.add_argument("--aug-hue", type=float, default=0.1,
-                   help="DeCLIP views: the colour jitter's hue shift, a fraction of the circle")
-    g.add_argument("--aug-gray", type=float, default=0.2, help="DeCLIP views: p(grayscale)")
-    g.add_argument("--aug-blur", type=float, default=0.5, help="DeCLIP views: p(Gaussian blur)")
 
 
 def optimisation_flags(p):
@@ -318,10 +310,7 @@ def build_tokenizer(args, base, checkpoint):
 def build_loader(args, base, tokenizer, image_size, rank, world, total_steps, start_step=0):
     two_views = args.mvs or args.ss
     if (args.image_aug or ("declip" if two_views else "clip")) == "declip":
-        transform = views.DeclipView(image_size, scale=(args.crop_scale, 1.0),
-                                     jitter=(0.4, 0.4, 0.4, args.aug_hue),
-                                     p_jitter=args.aug_jitter, p_gray=args.aug_gray,
-                                     p_blur=args.aug_blur)
+        transform = views.DeclipView(image_size)  # Appendix B (ablations: data_ablation.py)
     else:
         transform = views.clip_image_transform(image_size)
     dataset = data.ImageText(base, transform, views=2 if two_views else 1,
@@ -365,6 +354,7 @@ def build_declip(args, tokenizer, total, n_train, world, device, checkpoint):
                    ss=args.ss, nns=args.nns, loss=args.loss, queue_size=args.queue_size,
                    mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                    sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id, mlm_pass=args.mlm_pass,
+                   weights=args.loss_weights,
                    logit_scale_init=args.logit_scale_init,
                    logit_bias_init=args.logit_bias_init).to(device)
     if checkpoint is not None:

@@ -15,7 +15,7 @@ Usage:
     ids = tok(["a photo of a cat."], context_length=77)        # <s> .. </s> 1 1 ..  (1, 77)
     tower = load_hf_xlmr("xlm-roberta-base/", context_length=77)
     tokens = tower(ids)                                        # (1, 77, 768)
-    model = pretrained.create_model("ViT-S-16", text="xlmr:xlm-roberta-base/")  # a CLIP
+    model = factory.create_model("ViT-S-16", text="xlmr:xlm-roberta-base/")  # a CLIP
 
 The tokenizer, from scratch (no sentencepiece / tokenizers packages), as Hugging Face's fast
 XLMRobertaTokenizer computes ids:

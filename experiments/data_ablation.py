@@ -10,8 +10,11 @@ The variants are environment variables, so that train.py keeps no flags for one-
     MENTION_OTHERS=0 python experiments/data_ablation.py ...  # never name the small distractors
     RENDER=2 python experiments/data_ablation.py ...     # images drawn at 2x the model's input size
     WIDTH=32 python experiments/data_ablation.py ...     # tiny-rn with width 32 instead of 16
-    GRID=2 COPIES=2,2 RADIUS=0.18,0.22 python experiments/data_ablation.py ...  # fewer, larger
+    GRID=2 COPIES=2,2 RADIUS=0.17,0.21 python experiments/data_ablation.py ...  # fewer, larger
     CROP_RATIO=1,1 python experiments/data_ablation.py --image-aug declip ...  # square crops only
+    CROP_SCALE=0.9 AUG_JITTER=0 AUG_GRAY=0 AUG_BLUR=0 AUG_HUE=0.05 python experiments/data_ablation.py
+        # DeCLIP's view (Appendix B: crops of 0.2-1, p 0.8 jitter with hue 0.1, p 0.2 grayscale,
+        # p 0.5 blur) with another smallest crop, jitter / grayscale / blur probability, hue shift
 
 Every other argument goes to train.py unchanged.
 """
@@ -69,6 +72,21 @@ def render_at(factor):
     builtin_data.SyntheticCaptions.__init__ = scaled_init
 
 
+def declip_view_overrides(env):
+    """DeclipView's arguments that the environment changes (train.py builds the view)."""
+    kw = {}
+    if env("CROP_RATIO"):  # aspect-ratio range (paper: 3/4-4/3)
+        kw["ratio"] = tuple(float(v) for v in env("CROP_RATIO").split(","))
+    if env("CROP_SCALE"):
+        kw["scale"] = (float(env("CROP_SCALE")), 1.0)
+    if env("AUG_HUE"):
+        kw["jitter"] = (0.4, 0.4, 0.4, float(env("AUG_HUE")))
+    for name, key in (("AUG_JITTER", "p_jitter"), ("AUG_GRAY", "p_gray"), ("AUG_BLUR", "p_blur")):
+        if env(name):
+            kw[key] = float(env(name))
+    return kw
+
+
 if __name__ == "__main__":
     env = os.environ.get
     if env("AREA_CUE"):
@@ -96,8 +114,6 @@ if __name__ == "__main__":
         builtin_data.COPIES = tuple(int(v) for v in env("COPIES").split(","))
     if env("RADIUS"):
         builtin_data.RADIUS = tuple(float(v) for v in env("RADIUS").split(","))
-    if env("CROP_RATIO"):  # DeCLIP's view with another aspect-ratio range (paper: 3/4-4/3)
-        ratio = tuple(float(v) for v in env("CROP_RATIO").split(","))
-        views.DeclipView = functools.partial(views.DeclipView, ratio=ratio)
+    views.DeclipView = functools.partial(views.DeclipView, **declip_view_overrides(env))
     import train  # noqa: E402
     train.main(sys.argv[1:])

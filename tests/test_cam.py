@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cam
-import clip
-import pretrained
+import factory
 
 S = 64  # image side of the hand-made cases
 RED, BLUE, GREY = (230, 20, 20), (20, 20, 230), (128, 128, 128)
@@ -125,22 +124,22 @@ def test_constant_image_gives_a_flat_map_without_nan():
         assert torch.isfinite(maps).all() and maps.max() - maps.min() < 1e-6  # rounding only
     # a real tower: zero padding makes the borders differ, but never NaN
     torch.manual_seed(0)
-    tiny = clip.create_model("tiny-rn", vocab_size=515, transformer_layers=1)
+    tiny = factory.create_model("tiny-rn", vocab_size=515, transformer_layers=1)
     maps = cam.grad_cam(tiny, torch.zeros(2, 3, 64, 64), torch.randn(2, 128))
     assert torch.isfinite(maps).all()
 
 
 @pytest.mark.parametrize("name,overrides,grid", [
-    ("tiny-rn", {}, 2),                              # ModifiedResNet: layer4 at R/32
+    ("tiny-rn", {}, 8),                              # ModifiedResNet at 64 px: layer2 at R/8
     ("tiny", {}, 8),                                 # ViT: 8 x 8 patches entering the last block
     ("tiny", {"tome_r": 4}, 8),                      # ToMe is switched off for the map
     ("tiny-rn", {"image_tower": dict(kind="tv-resnet18", arch="resnet18", output_dim=128,
-                                     input_resolution=64)}, 2),  # torchvision's (pretrained.py)
+                                     input_resolution=64)}, 8),  # torchvision's (pretrained.py)
 ])
 def test_shapes_and_range_on_every_tower(name, overrides, grid):
     torch.manual_seed(0)
-    config = {**clip.PRESETS[name], "vocab_size": 515, "transformer_layers": 1, **overrides}
-    model = pretrained.from_config(config).train()  # pretrained.py builds module towers too
+    config = {**factory.PRESETS[name], "vocab_size": 515, "transformer_layers": 1, **overrides}
+    model = factory.from_config(config).train()  # module towers (pretrained.py) too
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         z_own = model.eval().encode_image(images)  # the text "is" the image: positive evidence
@@ -156,6 +155,49 @@ def test_shapes_and_range_on_every_tower(name, overrides, grid):
     assert torch.isfinite(maps).all() and ((peaks == 1) | (peaks == 0)).all()
     assert model.training and getattr(model.visual, "tome_r", 0) == overrides.get("tome_r", 0)
     assert all(p.grad is None for p in model.parameters())  # no gradients left behind
+
+
+@pytest.mark.parametrize("resolution,stage,side", [
+    (64, "layer2", 8),     # layer4 would be 2 x 2, layer3 4 x 4: both under 7
+    (128, "layer3", 8),    # layer4 4 x 4
+    (224, "layer4", 7),    # RN50's input: the last block, as in Grad-CAM and DeCLIP's Fig. 8
+])
+def test_default_layer_is_the_deepest_with_a_map_of_at_least_7(resolution, stage, side):
+    torch.manual_seed(0)
+    model = factory.create_model("tiny-rn", vocab_size=515, transformer_layers=1,
+                                 image_resolution=resolution).train()
+    layer = cam.cam_layer(model)
+    assert layer is getattr(model.visual, stage) and model.training  # the probe restores train
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+    maps = cam.grad_cam(model, torch.randn(1, 3, resolution, resolution), torch.randn(1, 128))
+    handle.remove()
+    assert seen[-1] == (side, side) and maps.shape == (1, resolution, resolution)  # used
+
+
+def test_default_layer_follows_the_input_size():
+    torch.manual_seed(0)
+    model = factory.create_model("tiny-rn", vocab_size=515, transformer_layers=1)  # 64 px
+    assert cam.map_sides(model, cam.cam_candidates(model)) == [16, 8, 4, 2]
+    assert cam.cam_layer(model, 32) is model.visual.layer1  # 8 x 8 (layer2 4 x 4)
+    assert cam.cam_layer(model, 128) is model.visual.layer3  # 8 x 8 (layer4 4 x 4)
+
+
+def test_default_layer_when_every_map_is_coarse():
+    visual = nn.Module()
+    visual.layer1, visual.layer2 = nn.AvgPool2d(16), nn.AvgPool2d(2)  # 4 x 4, 2 x 2 at 64 px
+    visual.forward = lambda x: visual.layer2(visual.layer1(x)).flatten(1)
+    model = ToyCLIP(visual, [[1., 0, 0]])
+    assert cam.cam_layer(model) is visual.layer1  # none is 7 x 7: the finest
+
+
+def test_dilate_grows_masks_by_a_disc():
+    mask = torch.zeros(1, 9, 9, dtype=torch.bool)
+    mask[0, 4, 4] = True
+    grown = cam.dilate(mask, 2)[0]
+    assert grown.sum() == 13  # the pixels within distance 2: 1 + 4 + 4 + 4
+    assert grown[4, 6] and grown[5, 5] and not grown[6, 6] and not grown[4, 7]
+    assert torch.equal(cam.dilate(mask, 0), mask)
 
 
 def test_peak_ties_go_to_the_centre():
@@ -195,9 +237,18 @@ class ToyDataset:
 
 def test_pointing_game_on_a_known_case():
     model = ToyCLIP(ToyVisual(ColourDetectors()), [[1., 0], [0, 1]])
-    result = cam.pointing_game(model, ToyTokenizer(["red", "blue"]), ToyDataset(), batch_size=3)
+    result = cam.pointing_game(model, ToyTokenizer(["red", "blue"]), ToyDataset(), batch_size=3,
+                               tolerance=0)
     # the centre pixel (31, 31) is in cell (1, 1): only image 1's mask covers it
-    assert result == {"pointing": 0.5, "chance": 1 / 16, "centre": 0.25, "n": 4}
+    assert result == {"pointing": 0.5, "on_object": 0.5, "chance": 1 / 16, "centre": 0.25,
+                      "tolerance": 0, "n": 4}
+    near = cam.pointing_game(model, ToyTokenizer(["red", "blue"]), ToyDataset(), tolerance=2)
+    assert near["on_object"] == 0.5 and near["tolerance"] == 2  # the misses are cells away
+    # a 16 px square grown by a disc of radius 2: 2 px strips on its free sides, 1 px corners
+    grown = [256 + 2 * 32 + 1, 256 + 4 * 32 + 4, 256 + 3 * 32 + 2, 256 + 3 * 32 + 2]
+    assert near["chance"] == pytest.approx(sum(grown) / 4 / 64 ** 2)
+    assert cam.pointing_game(model, ToyTokenizer(["red", "blue"]), ToyDataset())["tolerance"] \
+        == round(15 * 64 / 224)  # Zhang et al.'s 15 px at 224, scaled to the image
     assert cam.pointing_game(model, ToyTokenizer(["red", "blue"]), ToyDataset(), n=1)["pointing"] \
         == 1.0
     with pytest.raises(ValueError, match="n=5"):
@@ -228,8 +279,17 @@ def test_cli_grid_compare_and_pointing(tmp_path, capsys, tiny_checkpoint):
     cam.main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "a.png"), "--texts", "red",
               "--layer", "visual.layer3", "--out", str(out), "--device", "cpu"])
     for argv, message in ((["--out", str(out), "--texts", "x"], "--texts needs --images"),
-                          ([], "nothing to do"),
+                          (["--no-pointing"], "nothing to do"),
+                          (["--images", str(tmp_path / "a.png"), "--texts", "red"],
+                           "nothing to do"),  # no masks for your images: no pointing game
                           (["--pointing", "--layer", "visual.nope"], "--layer visual.nope"),
                           (["--images", "no.jpg", "--texts", "x", "--out", str(out)], "no.jpg")):
         with pytest.raises(SystemExit, match=message):
             cam.main(["--checkpoint", str(ckpt), "--device", "cpu"] + argv)
+
+
+def test_cli_builtin_prints_the_pointing_game_by_default(capsys, tiny_checkpoint):
+    cam.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "builtin", "--pointing-n", "4",
+              "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("pointing game ") and "centre" in printed and "n=4" in printed

@@ -419,8 +419,6 @@ def test_composition_errors_are_one_line():
     assert "share one act" in _error(clip.CLIP, embed_dim, {**vision, "act": "quick_gelu"}, text)
     assert "lacks width, context_length, vocab_size, config" in _error(
         clip.CLIP, embed_dim, vision, nn.Embedding(10, 4))
-    assert "older config" in _error(clip.build_clip, {**factory.PRESETS["tiny"],
-                                                      "text_tower": "bert"})
 
 
 def test_clip_needs_torch_only_and_files_import_no_cycle():

@@ -1,7 +1,7 @@
 """experiments/study.py: the aggregation and the verdicts against hand computations, the charts
 on fake numbers (a curve only with two data sizes or more), and a smoke run of the whole pipeline
 (2 configs x 1 seed x 3 steps) including a re-run that must re-use the finished runs
-(train.py --resume auto) instead of training them again."""
+(train.py --resume auto) instead of training them again; experiments/compare_runs.py's chart."""
 import json
 import os
 import math
@@ -194,3 +194,21 @@ def test_regime_map_reads_finished_studies_and_gives_each_regime_its_verdict(tmp
     assert high["diff"]["mean"] == pytest.approx((0.36 + 0.18 + 0.38) / 3)
     text = (tmp_path / "regimes.md").read_text()
     assert "| 64 x 2,000 (128,000), 2,000 |" in text and "reversed (0/3 seeds agree)" in text
+
+
+def test_compare_runs_draws_one_line_per_run(tmp_path):
+    """experiments/compare_runs.py: a line per run folder, named by its args.json, drawn from the
+    evaluations in its log.jsonl (training records are skipped)."""
+    import compare_runs
+    for name, method, top1 in (("a", "declip", (0.3, 0.9)), ("b", "clip", (0.6, 0.5))):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "args.json").write_text(json.dumps({"method": method, "seed": 0}))
+        records = [{"step": 10, "total": 1.0}] + [{"step": 150 * (k + 1), "zeroshot": {"top1": v}}
+                                                  for k, v in enumerate(top1)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert compare_runs.evaluations(tmp_path / "a") == [(150, 0.3), (300, 0.9)]
+    assert compare_runs.label(tmp_path / "b") == "CLIP, seed 0"
+    out = tmp_path / "c.png"
+    compare_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    assert Image.open(out).size == (760, 440)

@@ -220,18 +220,34 @@ def test_declip_flags_reach_the_model_and_the_views(tmp_path, monkeypatch):
         init(self, *a, **k)
 
     monkeypatch.setattr(declip.DeCLIP, "__init__", spy)
-    train.main(TINY + ["--steps", "1", "--mlm-pass", "bidirectional", "--output", str(tmp_path)])
+    train.main(TINY + ["--steps", "1", "--mlm-pass", "bidirectional", "--loss-weights", "official",
+                       "--output", str(tmp_path)])
     assert seen["mlm_pass"] == "bidirectional" and seen["queue_size"] == 64
-    args = train.get_args(["--crop-scale", "0.5", "--aug-gray", "0", "--aug-hue", "0.05"])
+    assert seen["weights"] == "official"
+    args = train.get_args([])  # DeCLIP: the Appendix B view
     args.context_length = 32
-    dataset, _, _ = train.build_loader(args, train.build_base(args), None, 64, 0, 1, 1)
-    view = dataset.transform
-    assert isinstance(view, views.DeclipView) and view.scale == (0.5, 1.0)
-    assert view.p_gray == 0 and view.jitter[3] == 0.05
+    view = train.build_loader(args, train.build_base(args), None, 64, 0, 1, 1)[0].transform
+    assert isinstance(view, views.DeclipView) and view.scale == (0.2, 1.0)
+    assert (view.p_jitter, view.p_gray, view.p_blur, view.jitter) == (0.8, 0.2, 0.5,
+                                                                      (0.4, 0.4, 0.4, 0.1))
     args = train.get_args(["--method", "clip"])  # CLIP's own mild view unless asked
     args.context_length = 32
     assert not isinstance(train.build_loader(args, train.build_base(args), None, 64, 0, 1, 1)[0]
                           .transform, views.DeclipView)
+    args = train.get_args(["--method", "clip", "--image-aug", "declip"])
+    args.context_length = 32
+    assert isinstance(train.build_loader(args, train.build_base(args), None, 64, 0, 1, 1)[0]
+                      .transform, views.DeclipView)
+
+
+def test_data_ablation_changes_only_the_views_it_names():
+    """experiments/data_ablation.py: the view knobs reach DeclipView; unset ones keep Appendix B."""
+    import data_ablation
+    import views
+    env = {"CROP_SCALE": "0.5", "AUG_GRAY": "0", "AUG_HUE": "0.05"}.get
+    view = views.DeclipView(64, **data_ablation.declip_view_overrides(env))
+    assert view.scale == (0.5, 1.0) and view.p_gray == 0 and view.jitter[3] == 0.05
+    assert view.p_jitter == 0.8 and view.p_blur == 0.5 and view.ratio == (3 / 4, 4 / 3)
 
 
 def test_grad_checkpointing_flag_trains_the_same_weights(tmp_path, monkeypatch):
