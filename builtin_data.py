@@ -15,19 +15,20 @@ do for photos:
   in luminance with the object, so its shape survives a grayscale view.
 - Every shape has the same *area* (data v2): only its form tells it apart. In v1 every outline
   spanned the same radius, a circle covered 2.4x the pixels of a star, and "how much of the
-  named colour" was a shortcut to shape that crops and colour jitter break (README).
+  named colour" was a shortcut to shape that crops and colour jitter break (docs/findings.md).
 - MVS: a caption describes only part of the image (the main object, sometimes its count, the
   small distractors of other colours, the background, an irrelevant prefix or suffix).
 - NNS: captions are drawn from a small grammar ("five red circles", "circles in red on a dark
   background"); in 10% of them every word is drawn from its synonyms ("crimson discs", "tiles
   in azure"; the plain word is one of them, so ~7% name the shape otherwise), so many
   captions across the dataset are near-neighbours. (v1 drew every word from its synonyms; a
-  tiny text tower then learns shape words too slowly for any method to learn shape: README.)
+  tiny text tower then learns shape words too slowly for any method to learn shape:
+  docs/findings.md.)
 - SS: images share parts (shapes, colours) and captions share words, across classes.
 
 `label_visible` measures how often the label survives an image view (tests/test_builtin_data.py
-and the README quote it). Everything is a pure function of (seed, split, index): the same index
-gives the same pair on every rank and every run; train and eval never share an item.
+and docs/findings.md quote it). Everything is a pure function of (seed, split, index): the same
+index gives the same pair on every rank and every run; train and eval never share an item.
 
     ds = SyntheticCaptions("train", size=2000, seed=0)     # size: unique pairs (data-limited runs)
     image, caption = ds[3]                               # PIL 64 x 64, str
@@ -43,10 +44,6 @@ import random
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
-
-from views import OPENAI_MEAN, OPENAI_STD
 
 # Colour -> (hue in degrees, or None for achromatic; words a caption may use).
 COLOURS = {
@@ -107,12 +104,13 @@ PREFIXES = ("photo of", "stock image:", "illustration of", "close-up of", "an im
 SUFFIXES = ("free download", "vector illustration", "stock photo", "royalty free", "hd wallpaper",
             "- stock vector", "| clipart", "high resolution", "for sale", "on white paper")
 COUNTS = ("three", "four", "five")
-# a set whose pixels fit is rendered once per process (2,000 pairs at 64 px: 25 MB)
+# a set whose pixels fit is rendered once per dataset copy, i.e. per loader worker (2,000 pairs
+# at 64 px: 25 MB)
 CACHE_BYTES = 64 * 2 ** 20
 # How often a caption uses the class name's own words ("red", "circle") rather than a synonym
 # drawn from all of them. Synonyms are what the text tower learns slowest: CLIP's shape accuracy
 # after 300 steps is ~20% when every word is drawn from its synonyms, 29% with the class's own
-# words half the time, 63% always (README, "Why shape was not learnt (3)").
+# words half the time, 63% always (docs/findings.md, finding (3)).
 CANONICAL = 0.9
 # The probabilities of a caption's parts that do not name the class (MVS: partial descriptions).
 MENTION_OTHERS, P_WHERE, P_BACKGROUND, P_PREFIX, P_SUFFIX = 0.5, 0.15, 0.25, 0.4, 0.3
@@ -338,6 +336,10 @@ def label_visible(ds, i, view, params=None):
     5 hues, or white/black if unsaturated); a grayscale view keeps only white and black.
     `params` (from view.sample) default to a fresh draw from torch's RNG.
     """
+    from torchvision import transforms as T  # here: generating the data needs neither
+    from torchvision.transforms import functional as TF
+    from views import OPENAI_MEAN, OPENAI_STD
+
     image = ds[i][0]
     params = view.sample(image) if params is None else params
     mask = ds.mask(i)                                                      # (S, S) copy ids

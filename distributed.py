@@ -35,11 +35,12 @@ def setup_distributed(device=None):
     return rank, world, device
 
 
-def all_ranks_sum(n, world):
-    """n summed over the ranks (each rank skips its own unreadable samples)."""
+def all_ranks_sum(n, world, device):
+    """n summed over the ranks (each rank skips its own unreadable samples); on `device`, since
+    NCCL reduces CUDA tensors only."""
     if world == 1:
         return n
-    total = torch.tensor(n)
+    total = torch.tensor(n, device=device)
     dist.all_reduce(total)
     return int(total)
 

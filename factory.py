@@ -58,8 +58,7 @@ PRESETS = {
                      vision_patch_size=16, context_length=77, vocab_size=49409,
                      transformer_width=384, transformer_heads=6, transformer_layers=12, act="gelu"),
     # The demo's model: a ModifiedResNet with one bottleneck per stage (DeCLIP's Table 4 is an
-    # RN50), 64 px, and the tiny text tower. CLIP on the built-in data: 39% top-1 after 300
-    # steps of 64, shape its only unsolved factor (README).
+    # RN50), 64 px, and the tiny text tower (the demo: docs/results.md).
     "tiny-rn": dict(embed_dim=128, image_resolution=64, vision_layers=(1, 1, 1, 1),
                     vision_width=16, vision_patch_size=None, context_length=32, vocab_size=49409,
                     transformer_width=128, transformer_heads=4, transformer_layers=3, act="gelu"),

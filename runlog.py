@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+import torch
+
 from eval_zeroshot import format_result
 from optim import lr_at
 
@@ -42,9 +44,14 @@ class RunLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
+    def tick(self):
+        self.bar.update(1)
+
     def steps(self, step, n, terms, n_bad, n_skipped):
         """The mean of the last n steps' terms (a list of dicts of tensors): one host sync."""
-        record = {k: round(float(sum(t[k] for t in terms)) / n, 5) for k in terms[0]}
+        keys = list(terms[0])
+        means = torch.stack([sum(t[k] for t in terms) for k in keys]).div(n).tolist()
+        record = {k: round(v, 5) for k, v in zip(keys, means)}
         seconds, self.t_log = time.perf_counter() - self.t_log, time.perf_counter()
         record.update(step=step, epoch=(step - 1) // self.args.steps_per_epoch,
                       lr=lr_at(step - 1, self.args.total_steps, self.args.warmup, self.args.lr),
@@ -78,6 +85,7 @@ class RunLog:
         print(" | ".join(f"{what}: {os.path.join(args.output, name)}" for what, name in files))
         if footer:
             print(footer)
+
 
 def log_line(record, total, eta_seconds):
     """One plain line for logs that are files (SLURM, nohup), where tqdm prints nothing: the

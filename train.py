@@ -47,19 +47,19 @@ from runlog import RunLog
 from tokenizer import Tokenizer
 
 DEMO_STEPS = 300  # runs on other data without --steps, --epochs or a preset
-# measured at the defaults on seed 0 (README, Quickstart): printed after the demo for contrast
+# measured at the defaults on seed 0 (README.md): printed after the demo for contrast
 DEMO_FOOTER = ("for contrast, CLIP: the same command with --method clip (at the defaults, seed 0: "
                "58.4% top-1, measured; DeCLIP 92.8%)")
 # Settings of the papers, one flag each. Flags given on the command line override them.
 PRESETS = {
-    # `python train.py`: the built-in data in the regime where DeCLIP's claim shows (README):
+    # `python train.py`: the built-in data in the regime where DeCLIP's claim shows (docs/results):
     # data-limited (2,000 unique pairs) at a batch where the paper's views learn form (256);
     # 150 epochs of 7 steps, under 10 minutes on 2 CPU cores (the slower seeds need that many
     # to pass 85%). `--method clip` is the contrast.
     "demo": dict(data="builtin", method="declip", train_size=2000, batch_size=256, epochs=150,
                  warmup=50, eval_every=150),
     # DeCLIP's CC3M ablation (Table 4): RN50, global batch 1024 (128 x 8 GPUs), 32 epochs; the
-    # optimiser of the official code (its CC3M config): AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up.
+    # official code's optimiser: AdamW (0.9, 0.98), lr 1e-3, wd 0.1, 2,500 warm-up steps.
     "declip-cc3m": dict(model="RN50", data="cc3m", method="declip", batch_size=128, epochs=32,
                         lr=1e-3, wd=0.1, warmup=2500, queue_size=65536, zeroshot="imagenet"),
     "clip-cc3m": dict(model="RN50", data="cc3m", method="clip", batch_size=128, epochs=32,
@@ -316,7 +316,7 @@ def build_loader(args, base, tokenizer, image_size, rank, world, total_steps, st
     dataset = data.ImageText(base, transform, views=2 if two_views else 1,
                              text_aug=eda.augment if args.mvs else None, seed=args.seed)
     sampler = data.StepSampler(len(dataset), args.batch_size, rank, world, args.seed, total_steps,
-                          start_step)
+                               start_step)
     collate = functools.partial(data.collate, tokenizer=tokenizer,
                                 context_length=args.context_length)
     loader = torch.utils.data.DataLoader(
@@ -442,7 +442,6 @@ def to_device(batch, device, memory_format):
             for k, v in batch.items() if k != "n_skipped"}
 
 
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def checkpoint_state(model, optimizer, scaler, merges, tokenizer, args, step):
@@ -458,8 +457,8 @@ def checkpoint_state(model, optimizer, scaler, merges, tokenizer, args, step):
 
 
 def save_checkpoint(path, state, rank=0, world=1):
-    """Rank 0 writes to a temporary file, then renames: a kill mid-write never leaves a broken
-    checkpoint. The other ranks wait for it."""
+    """Rank 0 writes `state` to a temporary file, then renames it: a kill mid-write never leaves a
+    broken checkpoint. The other ranks (state None) wait for it."""
     if rank == 0:
         tmp = path + ".tmp"
         torch.save(state, tmp)
@@ -522,17 +521,18 @@ def main(argv=None):
         terms.append(train_step(model, ddp, batch, optimizer, scaler, autocast, bad, step, args))
         step += 1
         if step % args.log_every == 0 or step == args.total_steps:
-            skipped = all_ranks_sum(n_skipped, world)
+            skipped = all_ranks_sum(n_skipped, world, device)
             if log:
                 log.steps(step, len(terms), terms, bad.total, skipped)
             terms = []
         if log:
-            log.bar.update(1)
+            log.tick()
         if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate(model.clip, tokenizer, args, device, rank, world, step, log, zeroshot)
             train_mode(model)
         if step % args.save_every == 0 or step == args.total_steps:
-            save_checkpoint(os.path.join(args.output, "checkpoint.pt"), state(step), rank, world)
+            save_checkpoint(os.path.join(args.output, "checkpoint.pt"),
+                            state(step) if rank == 0 else None, rank, world)
     train_seconds = time.perf_counter() - t_start
     if world > 1:
         assert_replicas_agree(model)

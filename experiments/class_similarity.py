@@ -1,4 +1,4 @@
-"""How much the text tower tells the built-in classes apart: README, section (4).
+"""How much the text tower tells the built-in classes apart: docs/findings.md, (4).
 
     python experiments/class_similarity.py results/runs/long/clip-all/checkpoint.pt [MORE.pt ...]
 

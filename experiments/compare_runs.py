@@ -1,4 +1,4 @@
-"""Zero-shot top-1 over the steps of several train.py runs, on one chart (the README's picture).
+"""Zero-shot top-1 over the steps of several train.py runs, on one chart (README.md's picture).
 
     python experiments/compare_runs.py runs/demo runs/demo-s1 runs/demo-s2 runs/demo-clip \
         --out results/demo_vs_clip.png

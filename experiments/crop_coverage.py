@@ -1,5 +1,5 @@
 """What a DeCLIP crop does to the built-in objects: how often a view holds a whole copy of the main
-object, at least half of one (data.label_visible's rule), or cuts a copy at its border.
+object, at least half of one (builtin_data.label_visible's rule), or cuts a copy at its border.
 
     python experiments/crop_coverage.py     # crop scales 0.2, 0.5, 0.75, 0.9 (to 1)
     python experiments/crop_coverage.py --scales 0.2 --n 1000

@@ -1,4 +1,4 @@
-"""train.py on variants of the built-in data or of the tiny ResNet, for the README's ablations.
+"""train.py on variants of the built-in data, the tiny ResNet or DeCLIP's view (docs/findings.md).
 
 The variants are environment variables, so that train.py keeps no flags for one-off experiments:
 
@@ -12,13 +12,15 @@ The variants are environment variables, so that train.py keeps no flags for one-
     WIDTH=32 python experiments/data_ablation.py ...     # tiny-rn with width 32 instead of 16
     GRID=2 COPIES=2,2 RADIUS=0.17,0.21 python experiments/data_ablation.py ...  # fewer, larger
     CROP_RATIO=1,1 python experiments/data_ablation.py --image-aug declip ...  # square crops only
-    CROP_SCALE=0.9 AUG_JITTER=0 AUG_GRAY=0 AUG_BLUR=0 AUG_HUE=0.05 python experiments/data_ablation.py
+    CROP_SCALE=0.9 AUG_JITTER=0 AUG_GRAY=0 AUG_BLUR=0 AUG_HUE=0.05 \
+        python experiments/data_ablation.py ...
         # DeCLIP's view (Appendix B: crops of 0.2-1, p 0.8 jitter with hue 0.1, p 0.2 grayscale,
         # p 0.5 blur) with another smallest crop, jitter / grayscale / blur probability, hue shift
 
-Every other argument goes to train.py unchanged.
+Every other argument goes to train.py unchanged; the variables set go to <output>/variant.json.
 """
 import functools
+import json
 import os
 import random
 import sys
@@ -72,6 +74,11 @@ def render_at(factor):
     builtin_data.SyntheticCaptions.__init__ = scaled_init
 
 
+VARIANTS = ("AREA_CUE", "CANONICAL", "CLEAN", "SHAPE_ONLY", "NUISANCE", "MENTION_OTHERS", "RENDER",
+            "WIDTH", "GRID", "COPIES", "RADIUS", "CROP_RATIO", "CROP_SCALE", "AUG_JITTER",
+            "AUG_GRAY", "AUG_BLUR", "AUG_HUE")
+
+
 def declip_view_overrides(env):
     """DeclipView's arguments that the environment changes (train.py builds the view)."""
     kw = {}
@@ -116,4 +123,8 @@ if __name__ == "__main__":
         builtin_data.RADIUS = tuple(float(v) for v in env("RADIUS").split(","))
     views.DeclipView = functools.partial(views.DeclipView, **declip_view_overrides(env))
     import train  # noqa: E402
+    output = train.get_args(sys.argv[1:]).output  # the variant is kept with the run's args.json
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "variant.json"), "w") as f:
+        json.dump({k: v for k, v in os.environ.items() if k in VARIANTS}, f, indent=1)
     train.main(sys.argv[1:])

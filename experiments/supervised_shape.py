@@ -4,7 +4,7 @@ The tiny ResNet of `tiny-rn` (random init) plus a linear head, cross-entropy on 
 shape (6 classes), AdamW lr 1e-3 wd 0.1, batches of 64 built-in training images, the given view;
 prints shape accuracy on 300 eval images every 100 steps. If this learns shape in a few hundred
 steps while CLIP does not, the bottleneck is the contrastive problem (the text side), not the
-image tower or the data's pixels (README, "Why shape was not learnt (3)").
+image tower or the data's pixels (docs/findings.md, finding (3)).
 
     python experiments/supervised_shape.py                 # CLIP's mild view
     python experiments/supervised_shape.py --view declip   # DeCLIP's Appendix B view

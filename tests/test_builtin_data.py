@@ -1,5 +1,5 @@
 """Tests for builtin_data.py: determinism, labels that match pixels and captions, and that the
-label survives DeCLIP's image views (the fraction README quotes)."""
+label survives DeCLIP's image views (the fraction docs/findings.md quotes)."""
 import colorsys
 import hashlib
 import re
@@ -73,7 +73,7 @@ def test_every_shape_covers_the_same_area():
 
 def test_objects_rarely_touch():
     """Placed by their reach, equal-area objects keep apart: two objects share a pixel in ~7% of
-    images (README; 45% if the radius is v1's 12-15% of the side)."""
+    images (docs/findings.md; 45% if the radius is v1's 12-15% of the side)."""
     ds = SyntheticCaptions("train", size=300, seed=0)
     touching = 0
     for i in range(len(ds)):

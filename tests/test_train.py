@@ -34,10 +34,10 @@ def run_script(args, launcher=(sys.executable,), check=True, script="train.py", 
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def kill_after_step(step, tmp_path):
-    """run_script's arguments that SIGKILL the last rank once, after its step-`step` checkpoint
-    (tests/kill_after_save.py: train.py has no crash flag)."""
-    return dict(script=os.path.join("tests", "kill_after_save.py"), KILL_AFTER_STEP=str(step),
+def kill_at_step(step, tmp_path):
+    """run_script's arguments that SIGKILL the last rank once, as it starts step `step` (from 0;
+    tests/kill_at_step.py: train.py has no crash flag)."""
+    return dict(script=os.path.join("tests", "kill_at_step.py"), KILL_AT_STEP=str(step),
                 KILL_MARKER=str(tmp_path / "killed"))
 
 
@@ -59,13 +59,13 @@ def assert_identical(ckpt_a, ckpt_b):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    """Killed (SIGKILL) after the step-2 checkpoint, then resumed == uninterrupted, bit for bit
-    (CPU). 24 pairs make 3 steps an epoch, so the run crosses an epoch boundary inside one data
+    """Killed (SIGKILL) in step 4, after the step-2 checkpoint, then resumed == uninterrupted, bit
+    for bit (CPU). 24 pairs make 3 steps an epoch, so the run crosses an epoch boundary inside one data
     loader whose worker lives for the whole run."""
     common = TINY + ["--steps", "5", "--save-every", "2", "--train-size", "24", "--workers", "1"]
     run_script(common + ["--output", str(tmp_path / "a")])
     crashed = run_script(common + ["--output", str(tmp_path / "b")], check=False,
-                         **kill_after_step(2, tmp_path))
+                         **kill_at_step(3, tmp_path))
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert weights(tmp_path / "b")["step"] == 2
     resumed = run_script(common + ["--output", str(tmp_path / "b"), "--resume", "auto"])
@@ -76,14 +76,14 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_torchrun_two_workers_survive_a_killed_worker(tmp_path):
-    """torchrun --max-restarts=1: rank 1 is killed after the step-2 checkpoint, the group restarts
-    from it with --resume auto, and ends exactly where an uninterrupted 2-process run ends."""
+    """torchrun --max-restarts=1: rank 1 is killed in step 4, the group restarts from the step-2
+    checkpoint with --resume auto, and ends exactly where an uninterrupted 2-process run ends."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--max-restarts=1", "--standalone")
     common = TINY + ["--steps", "4", "--save-every", "2", "--resume", "auto"]
     run_script(common + ["--output", str(tmp_path / "a")], launcher)
     faulty = run_script(common + ["--output", str(tmp_path / "b")], launcher,
-                        **kill_after_step(2, tmp_path))
+                        **kill_at_step(3, tmp_path))
     assert os.path.exists(tmp_path / "killed")
     assert "resumed at step 2" in faulty.stdout
     assert "zero-shot top-1" in faulty.stdout
