@@ -327,7 +327,7 @@ def build_loader(args, base, tokenizer, image_size, rank, world, total_steps, st
 
 # ----------------------------------------------------------------------------- the model
 
-def build_declip(args, tokenizer, total, n_train, world, device, checkpoint):
+def build_declip(args, tokenizer, n_train, world, device, checkpoint):
     """The CLIP of --model (and --pretrained-*), inside DeCLIP's heads and losses (a plain CLIP
     run is DeCLIP with every head off), on device, resumed if a checkpoint is given."""
     overrides = dict(vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
@@ -347,7 +347,7 @@ def build_declip(args, tokenizer, total, n_train, world, device, checkpoint):
                          f"({checkpoint['args'].get('model')}); use the same --model and flags")
     args.context_length = clip.context_length  # the captions' token length (build_loader)
     if args.queue_size is None:
-        args.queue_size = default_queue_size(total, args.batch_size * world, n_train)
+        args.queue_size = default_queue_size(args.total_steps, args.batch_size * world, n_train)
     if args.loss == "siglip" and args.logit_bias_init is None:
         args.logit_bias_init = -math.log(args.batch_size * world)  # prior: 1 positive in N
     model = DeCLIP(clip, alpha=args.alpha, beta=args.beta, gamma=args.gamma, mvs=args.mvs,
@@ -500,7 +500,7 @@ def main(argv=None):
     tokenizer, merges = build_tokenizer(args, base, checkpoint)
     args.steps_per_epoch = len(base) // (args.batch_size * world)
     args.total_steps = args.steps if args.steps is not None else args.epochs * args.steps_per_epoch
-    model = build_declip(args, tokenizer, args.total_steps, len(base), world, device, checkpoint)
+    model = build_declip(args, tokenizer, len(base), world, device, checkpoint)
     ddp, memory_format = wrap_model(model, args, device, world)
     optimizer, scaler, autocast = build_optimizer(model, args, device, checkpoint)
     step = 0 if checkpoint is None else checkpoint["step"]

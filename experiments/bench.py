@@ -338,7 +338,7 @@ def declip_step(batch, precision, channels_last):
     vocab = 768  # the demo's learned BPE: its last ids are <start>, <end>, <mask>
     tokenizer = SimpleNamespace(vocab_size=vocab, sot_id=vocab - 3, eot_id=vocab - 2,
                                 mask_id=vocab - 1)
-    model = train.build_declip(args, tokenizer, 100, 2000, 1, cpu, None)
+    model = train.build_declip(args, tokenizer, 2000, 1, cpu, None)
     ddp, memory_format = train.wrap_model(model, args, cpu, 1)
     optimizer, scaler, autocast = train.build_optimizer(model, args, cpu, None)
     bad = BadSteps(model, max_in_a_row=1)
